@@ -1,0 +1,41 @@
+# lodas: the two commands of the README, and what they need.
+#   make demo   set up if needed, build the Fortran hosts, run the shallow-water twin experiment
+#   make test   set up if needed, build, run every test
+SHELL   := /bin/bash
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.lodas-setup-done
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup build demo test bench clean
+
+setup: $(STAMP)
+
+# Idempotent: Debian packages only when a tool is missing; the venv only when setup.py changed.
+# mpi4py is built from source against the system MPICH (pip caches the wheel: minutes once).
+$(STAMP): setup.py
+	@command -v mpif90 >/dev/null && command -v mpiexec >/dev/null || { \
+	  echo "installing gfortran, mpich, libmpich-dev"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gfortran mpich libmpich-dev >/dev/null; }
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --no-binary mpi4py mpi4py
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+build: setup
+	$(MAKE) -s -C fortran_stubs
+
+demo: build
+	$(PY) -m coupler twin namelists/sw_demo.nml --plot
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) benchmarks/coupling_overhead.py
+	$(PY) -m coupler bench l96
+
+clean:
+	$(MAKE) -s -C fortran_stubs clean
+	rm -rf lodas_output

@@ -1,0 +1,447 @@
+"""One namelist file for the host model and lodas: typed, validated configuration.
+
+The same Fortran namelist file holds the host model's own groups and lodas's groups. Each
+side reads the groups it knows: the Fortran host with plain ``read(unit, nml=...)``, the
+Python side here, with f90nml, into the dataclasses below. Groups that lodas does not know
+are carried along untouched (so the lodas groups can be appended to an existing model's
+``input.nml``); inside a lodas group every key is checked: unknown keys, wrong types and
+out-of-range values are :class:`NamelistError` naming the file, group, key, value and what
+was expected, with a close-match suggestion.
+
+This module is the single edge between the file format and the typed configuration: the
+rest of lodas only sees :class:`Config`.
+
+Groups (``lodas check FILE.nml`` prints every key with its value):
+
+- ``&coupler_nml``  run-level settings; ``output_dir`` is a fixed contract scripts rely on.
+- ``&grid_nml``     the grid and variables the driver expects from the host.
+- ``&bridge_nml``   read by *both* the Fortran bridge and Python: how increments are applied.
+- ``&assim_nml``    the analysis method and its settings.
+- ``&obs_nml``      observation files and synthetic networks.
+- ``&twin_nml``     twin-experiment workflow (nature run, perturbed start, climatology).
+- ``&l96_nml``, ``&sw_nml``  the testbed host models' own groups (read by the Fortran hosts;
+  known here so twin experiments can run the numpy reference models).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import f90nml
+
+__all__ = [
+    "NamelistError", "Config", "load", "parse_override", "GROUPS",
+    "CouplerNml", "GridNml", "BridgeNml", "AssimNml", "ObsNml", "TwinNml", "L96Nml", "SwNml",
+]
+
+
+class NamelistError(ValueError):
+    """A namelist problem, with the file, group, key and value in the message."""
+
+
+def _key(default: Any = dataclasses.MISSING, *, doc: str, choices: tuple | None = None,
+         ge: float | None = None, gt: float | None = None, le: float | None = None,
+         lt: float | None = None, required: bool = False):
+    """A namelist key: default, docstring and the constraints checked on load."""
+    meta = dict(doc=doc, choices=choices, ge=ge, gt=gt, le=le, lt=lt, required=required)
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    if required:
+        return field(default=None, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class CouplerNml:
+    """``&coupler_nml``: run-level settings of the driver."""
+
+    output_dir: str = _key("lodas_output", doc="directory for increments, diagnostics and the effective namelist")
+    experiment: str = _key("lodas", doc="experiment name written into every output file")
+    seed: int = _key(0, doc="experiment seed; every random stream derives from (seed, cycle, member)", ge=0)
+    start_time: str = _key("2000-01-01T00:00:00", doc="valid time of model time 0 (ISO 8601, UTC)")
+    truth_file: str = _key("", doc="netCDF truth trajectory (twin experiments): RMSE against truth in the diagnostics")
+    write_increments: bool = _key(True, doc="write one CF netCDF increment file per cycle")
+    write_backgrounds: bool = _key(False, doc="write the background trajectory (backgrounds.nc; the truth of a nature run)")
+    log_level: str = _key("info", doc="driver log level", choices=("debug", "info", "warning", "error"))
+    host_exe: str = _key("", doc="host model executable used by `lodas launch` and `lodas twin`")
+    host_ranks: int = _key(1, doc="MPI ranks of the host model (lodas launch / twin)", ge=1)
+    driver_ranks: int = _key(1, doc="MPI ranks of the Python driver (lodas launch / twin)", ge=1)
+
+
+@dataclass
+class GridNml:
+    """``&grid_nml``: the grid and variables the driver expects; checked against the host at init."""
+
+    nx: int = _key(doc="global grid points in x (fastest index)", ge=1, required=True)
+    ny: int = _key(doc="global grid points in y (1 for a 1-D model)", ge=1, required=True)
+    variables: list[str] = _key(doc="state variables in the order the host packs them", required=True)
+    dx_m: float = _key(1.0, doc="grid spacing in x, m (1.0 for index units)", gt=0)
+    dy_m: float = _key(1.0, doc="grid spacing in y, m", gt=0)
+    time_unit_s: float = _key(1.0, doc="seconds per unit of the host's model time (L96: 432000, 0.05 = 6 h)", gt=0)
+
+
+@dataclass
+class BridgeNml:
+    """``&bridge_nml``: read by the Fortran bridge *and* by Python; keys must match
+    ``fortran_stubs/lodas_bridge.f90`` (a test checks it)."""
+
+    increment_mode: str = _key("direct", doc="apply the increment at once (direct) or over iau_steps model steps (iau)",
+                               choices=("direct", "iau"))
+    iau_steps: int = _key(1, doc="IAU window in model steps; each step adds increment/iau_steps", ge=1)
+    deadline_s: float = _key(600.0, doc="seconds the host waits for an analysis before the job is aborted", gt=0)
+    on_failure: str = _key("continue", doc="host action on a non-zero analysis status", choices=("continue", "abort"))
+
+
+@dataclass
+class AssimNml:
+    """``&assim_nml``: the analysis method."""
+
+    method: str = _key("3dvar", doc="analysis method", choices=("none", "3dvar"))
+    b_file: str = _key("", doc="background-error covariance file (netCDF, from `lodas twin` or `lodas climatology`)")
+    b_scale: float = _key(1.0, doc="factor multiplying the climatological B", gt=0)
+    cg_tol: float = _key(1e-10, doc="relative residual at which the 3D-Var conjugate gradients stop", gt=0, lt=1)
+    cg_max_iter: int = _key(1000, doc="maximum conjugate-gradient iterations", ge=1)
+    device: str = _key("auto", doc="device of each driver rank: auto (GPU if present), cpu, cuda",
+                       choices=("auto", "cpu", "cuda"))
+
+
+@dataclass
+class ObsNml:
+    """``&obs_nml``: observation files and the synthetic network of twin experiments."""
+
+    obs_dir: str = _key("obs", doc="directory of observation files")
+    file_template: str = _key("obs_{cycle:06d}.nc", doc="file name per cycle; {cycle} is the 0-based cycle index")
+    on_missing: str = _key("warn", doc="missing file for a cycle: warn (zero increment, status 1) or error (stop)",
+                           choices=("warn", "error"))
+    network: str = _key("all", doc="synthetic network", choices=("all", "every_k", "stations", "fraction"))
+    every_k: int = _key(2, doc="every_k network: observe every k-th grid point", ge=1)
+    n_stations: int = _key(100, doc="stations network: number of stations", ge=1)
+    fraction: float = _key(0.1, doc="fraction network: fraction of grid points observed", gt=0, le=1)
+    variables: list[str] = _key([], doc="observed variables (empty: all of &grid_nml variables)")
+    error_std: list[float] = _key([1.0], doc="observation error std per observed variable (one value: all)", gt=0)
+
+
+@dataclass
+class TwinNml:
+    """``&twin_nml``: the twin-experiment workflow (`lodas twin`)."""
+
+    model: str = _key("l96", doc="testbed whose numpy reference makes spin-up and climatology", choices=("l96", "sw"))
+    spinup_steps: int = _key(1000, doc="model steps from the default state to the truth's initial state", ge=0)
+    init_error_std: list[float] = _key([1.0], doc="std of the perturbation of the assimilation run's initial state, per variable", ge=0)
+    clim_samples: int = _key(1000, doc="states in the climatology from which B is estimated", ge=2)
+    clim_stride: int = _key(10, doc="model steps between climatology samples", ge=1)
+    free_run: bool = _key(True, doc="also run without assimilation, for the free-run RMSE")
+    spinup_cycles: int = _key(0, doc="cycles left out of the mean RMSE (filter spin-up)", ge=0)
+
+
+@dataclass
+class L96Nml:
+    """``&l96_nml``: Lorenz-96 host (Lorenz 1996; dx_i/dt = (x_{i+1} - x_{i-2}) x_{i-1} - x_i + F)."""
+
+    n: int = _key(40, doc="number of variables (divisible by the host ranks)", ge=4)
+    forcing: float = _key(8.0, doc="forcing F")
+    dt: float = _key(0.05, doc="RK4 time step, model time units (0.05 ~ 6 h)", gt=0)
+    steps_per_cycle: int = _key(1, doc="model steps between analyses", ge=1)
+    n_cycles: int = _key(100, doc="analysis cycles", ge=1)
+    init_file: str = _key("", doc="initial state, raw float64 (Fortran order); empty: x=F, x(20)=F+0.01")
+    final_file: str = _key("", doc="final state written here, raw float64; empty: not written")
+
+
+@dataclass
+class SwNml:
+    """``&sw_nml``: 2-D rotating shallow-water host (doubly periodic, forced-dissipative).
+
+    Defaults are those documented in :mod:`coupler.models.shallow_water`.
+    """
+
+    nx: int = _key(64, doc="grid points in x", ge=4)
+    ny: int = _key(64, doc="grid points in y (divisible by the host ranks)", ge=4)
+    lx_m: float = _key(3.2e6, doc="domain length in x, m", gt=0)
+    ly_m: float = _key(3.2e6, doc="domain length in y, m", gt=0)
+    dt_s: float = _key(300.0, doc="RK4 time step, s", gt=0)
+    f0: float = _key(1e-4, doc="Coriolis parameter, 1/s")
+    g: float = _key(9.81, doc="gravity (or reduced gravity), m/s^2", gt=0)
+    h0_m: float = _key(500.0, doc="mean layer depth, m", gt=0)
+    viscosity: float = _key(1e4, doc="viscosity coefficient", ge=0)
+    drag: float = _key(1e-6, doc="linear drag, 1/s", ge=0)
+    forcing_amp: float = _key(1e-6, doc="amplitude of the steady forcing")
+    forcing_wavenumber: int = _key(4, doc="forcing wavelengths across the domain", ge=1)
+    steps_per_cycle: int = _key(72, doc="model steps between analyses", ge=1)
+    n_cycles: int = _key(40, doc="analysis cycles", ge=1)
+    init_file: str = _key("", doc="initial state, raw float64 (nx, ny, 3) Fortran order; empty: default state")
+    final_file: str = _key("", doc="final state written here, raw float64; empty: not written")
+
+
+#: lodas's groups, in the order they are printed and written.
+GROUPS: dict[str, type] = {
+    "coupler_nml": CouplerNml, "grid_nml": GridNml, "bridge_nml": BridgeNml, "assim_nml": AssimNml,
+    "obs_nml": ObsNml, "twin_nml": TwinNml, "l96_nml": L96Nml, "sw_nml": SwNml,
+}
+#: Groups that must be present in every lodas namelist.
+REQUIRED_GROUPS = ("grid_nml",)
+#: Groups the Fortran side reads from the file itself: overrides of these only reach the host
+#: through an effective namelist written by `lodas launch` / `lodas twin`.
+HOST_GROUPS = ("bridge_nml", "l96_nml", "sw_nml")
+
+
+@dataclass
+class Config:
+    """The effective configuration: every lodas group, typed, plus the raw namelist."""
+
+    path: Path
+    coupler: CouplerNml
+    grid: GridNml
+    bridge: BridgeNml
+    assim: AssimNml
+    obs: ObsNml
+    twin: TwinNml
+    l96: L96Nml | None
+    sw: SwNml | None
+    raw: f90nml.Namelist = field(repr=False)
+    overridden_groups: tuple[str, ...] = ()
+
+    @property
+    def n_state(self) -> int:
+        return len(self.grid.variables) * self.grid.ny * self.grid.nx
+
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        """``(nvar, ny, nx)``: the Python state convention (Fortran ``state(nx, ny, nvar)``)."""
+        return (len(self.grid.variables), self.grid.ny, self.grid.nx)
+
+    @property
+    def model(self) -> L96Nml | SwNml:
+        """The testbed group named by ``&twin_nml model``."""
+        m = self.l96 if self.twin.model == "l96" else self.sw
+        if m is None:
+            raise NamelistError(f"{self.path}: &twin_nml model = '{self.twin.model}' needs a "
+                                f"&{self.twin.model}_nml group, which the file does not have")
+        return m
+
+    def observed_variables(self) -> list[str]:
+        return list(self.obs.variables) or list(self.grid.variables)
+
+    def error_std_per_variable(self) -> list[float]:
+        names = self.observed_variables()
+        e = self.obs.error_std
+        return list(e) * len(names) if len(e) == 1 else list(e)
+
+    def to_namelist(self) -> f90nml.Namelist:
+        """The effective namelist: the file's groups with lodas's groups fully expanded."""
+        nml = copy.deepcopy(self.raw)
+        for name, cls in GROUPS.items():
+            obj = getattr(self, _ATTR[name])
+            if obj is None:
+                continue
+            # An empty list cannot be written in namelist syntax: leave it out (the default is empty).
+            nml[name] = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if getattr(obj, f.name) != []}
+        return nml
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write the effective namelist (readable by f90nml and by Fortran ``read(nml=)``)."""
+        from coupler.io.atomic import write_text  # local: bridges must not import the driver at load
+
+        return write_text(path, _namelist_text(self.to_namelist()))
+
+
+_ATTR = {"coupler_nml": "coupler", "grid_nml": "grid", "bridge_nml": "bridge", "assim_nml": "assim",
+         "obs_nml": "obs", "twin_nml": "twin", "l96_nml": "l96", "sw_nml": "sw"}
+_OPTIONAL_GROUPS = ("l96_nml", "sw_nml")
+
+
+def _namelist_text(nml: f90nml.Namelist) -> str:
+    import io
+
+    buf = io.StringIO()
+    nml.uppercase = False
+    nml.write(buf)
+    return buf.getvalue()
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is list:
+        return f"a list of {typing.get_args(tp)[0].__name__}"
+    return {int: "an integer", float: "a real number", bool: "a logical (.true./.false.)",
+            str: "a string"}[tp]
+
+
+def _coerce(tp, value):
+    """Convert an f90nml value to ``tp`` or raise TypeError."""
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        values = value if isinstance(value, list) else [value]
+        return [_coerce(item, v) for v in values]
+    if isinstance(value, list):
+        raise TypeError
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise TypeError
+
+
+def _check_range(where: str, meta: dict, value) -> None:
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if meta["choices"] is not None and v not in meta["choices"]:
+            opts = ", ".join(repr(c) for c in meta["choices"])
+            raise NamelistError(f"{where} = {v!r}: expected one of {opts}{_suggest(str(v), meta['choices'])}")
+        for op, bound, text in (("ge", meta["ge"], ">="), ("gt", meta["gt"], ">"),
+                                ("le", meta["le"], "<="), ("lt", meta["lt"], "<")):
+            if bound is None:
+                continue
+            ok = {"ge": v >= bound, "gt": v > bound, "le": v <= bound, "lt": v < bound}[op]
+            if not ok:
+                raise NamelistError(f"{where} = {v!r}: expected a value {text} {bound}")
+
+
+def _build_group(path: Path, name: str, cls, values: dict) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{path}: &{name} {key}"
+        if key not in fields:
+            raise NamelistError(f"{path}: &{name}: unknown key '{key}'{_suggest(key, fields)}; "
+                                f"known keys: {', '.join(fields)}")
+        tp = hints[key]
+        try:
+            kwargs[key] = _coerce(tp, value)
+        except TypeError:
+            raise NamelistError(f"{where} = {value!r}: expected {_type_name(tp)}") from None
+        _check_range(where, fields[key].metadata, kwargs[key])
+    for key, f in fields.items():
+        if f.metadata.get("required") and key not in kwargs:
+            raise NamelistError(f"{path}: &{name}: required key '{key}' is missing ({f.metadata['doc']})")
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str):
+    t = text.strip()
+    if len(t) >= 2 and t[0] == t[-1] and t[0] in "'\"":
+        return t[1:-1]
+    low = t.lower()
+    if low in (".true.", ".t.", "true", "t"):
+        return True
+    if low in (".false.", ".f.", "false", "f"):
+        return False
+    for conv in (int, lambda v: float(v.lower().replace("d", "e"))):
+        try:
+            return conv(t)
+        except ValueError:
+            pass
+    return t
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Parse ``group.key=value``; the value in Fortran namelist syntax (``1``, ``0.5``, ``.true.``,
+    ``'a', 'b'`` for a list); a bare word is a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise NamelistError(f"--set {text!r}: expected group.key=value, e.g. assim_nml.method=3dvar")
+    lhs, rhs = text.split("=", 1)
+    group, key = (s.strip().lower() for s in lhs.split(".", 1))
+    import csv
+
+    items = next(csv.reader([rhs], quotechar="'", skipinitialspace=True)) if rhs.strip() else [""]
+    values = [_parse_scalar(v) for v in items]
+    return group, key, values[0] if len(values) == 1 else values
+
+
+def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override and validate a namelist file.
+
+    Args:
+        path: the namelist file.
+        overrides: ``group.key=value`` strings applied on top of the file.
+
+    Raises:
+        NamelistError: with file, group, key, value and what was expected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NamelistError(f"{path}: namelist file not found")
+    try:
+        raw = f90nml.read(path)
+    except Exception as exc:  # noqa: BLE001 - f90nml raises a variety of parser errors
+        raise NamelistError(f"{path}: not a readable Fortran namelist: {exc}") from None
+    for name in GROUPS:
+        if isinstance(raw.get(name), list):
+            raise NamelistError(f"{path}: &{name} appears more than once; write it once")
+    touched = []
+    for text in overrides:
+        group, key, value = parse_override(text)
+        if group not in GROUPS:
+            raise NamelistError(f"--set {text!r}: unknown group '&{group}'{_suggest(group, GROUPS)}")
+        if group not in raw:
+            raw[group] = {}
+        raw[group][key] = value
+        touched.append(group)
+    for name in REQUIRED_GROUPS:
+        if name not in raw:
+            raise NamelistError(f"{path}: required group &{name} is missing "
+                                f"(keys: {', '.join(f.name for f in dataclasses.fields(GROUPS[name]))})")
+    groups = {}
+    for name, cls in GROUPS.items():
+        if name in _OPTIONAL_GROUPS and name not in raw:
+            groups[_ATTR[name]] = None
+            continue
+        groups[_ATTR[name]] = _build_group(path, name, cls, dict(raw.get(name, {})))
+    cfg = Config(path=path, raw=raw, overridden_groups=tuple(dict.fromkeys(touched)), **groups)
+    _check_consistency(cfg)
+    return cfg
+
+
+def _check_consistency(cfg: Config) -> None:
+    """Checks across keys and groups."""
+    p = cfg.path
+    names = cfg.grid.variables
+    if not names:
+        raise NamelistError(f"{p}: &grid_nml variables: expected at least one variable name")
+    if len(set(names)) != len(names):
+        raise NamelistError(f"{p}: &grid_nml variables = {names}: variable names must be unique")
+    for v in cfg.obs.variables:
+        if v not in names:
+            raise NamelistError(f"{p}: &obs_nml variables: '{v}' is not a grid variable "
+                                f"(&grid_nml variables = {names}){_suggest(v, names)}")
+    n_obs_vars = len(cfg.observed_variables())
+    if len(cfg.obs.error_std) not in (1, n_obs_vars):
+        raise NamelistError(f"{p}: &obs_nml error_std = {cfg.obs.error_std}: expected 1 or {n_obs_vars} "
+                            f"values (one per observed variable {cfg.observed_variables()})")
+    nv = len(names)
+    if len(cfg.twin.init_error_std) not in (1, nv):
+        raise NamelistError(f"{p}: &twin_nml init_error_std = {cfg.twin.init_error_std}: expected 1 or {nv} values")
+    try:
+        cfg.obs.file_template.format(cycle=0)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise NamelistError(f"{p}: &obs_nml file_template = {cfg.obs.file_template!r}: expected a "
+                            f"Python format string using only {{cycle}}: {exc}") from None
+    from datetime import datetime
+
+    try:
+        datetime.fromisoformat(cfg.coupler.start_time)
+    except ValueError:
+        raise NamelistError(f"{p}: &coupler_nml start_time = {cfg.coupler.start_time!r}: expected an "
+                            f"ISO 8601 date-time such as '2000-01-01T00:00:00'") from None

@@ -1,0 +1,229 @@
+"""Observation files: one netCDF file per analysis cycle (CF-style).
+
+Layout (``ncdump -h``)::
+
+    dimensions:
+        obs = p ;
+    variables:
+        double value(obs) ;        value:long_name = "observed value" ;
+        double error_std(obs) ;    error_std:long_name = "observation error standard deviation" ;
+        int var_index(obs) ;       var_index:flag_values = 0, 1, ... ;
+                                   var_index:flag_meanings = "u v h" ;
+        double x(obs) ;            x:units = "grid_index" ;
+        double y(obs) ;            y:units = "grid_index" ;
+    // global attributes:
+        :Conventions = "CF-1.8" ;
+        :variable_names = "u v h" ;       (space-separated; var_index indexes this list)
+        :cycle = 3 ;                       (0-based analysis cycle)
+        :valid_time = "2000-01-01T06:00:00" ;   (ISO 8601)
+
+``value`` and ``error_std`` are in the units of the observed variable; ``x``, ``y`` are
+0-based grid-index coordinates on the periodic grid (``x`` in ``[0, nx)``, ``y`` in
+``[0, ny)``). The reader maps ``var_index`` through the file's ``variable_names`` onto the
+run's variable list, so a file that observes a subset of the variables (or lists them in a
+different order) is read correctly, and a file for another model is refused.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+from typing import Sequence
+
+import netCDF4
+import numpy as np
+
+from coupler.assim.base import Observations
+from coupler.io.atomic import atomic_path
+
+__all__ = ["write_obs_file", "read_obs_file", "read_obs_attributes"]
+
+_FIELDS = ("value", "error_std", "var_index", "x", "y")
+
+
+def _names(var_names: Sequence[str] | str, what: str = "var_names") -> list[str]:
+    names = var_names.split() if isinstance(var_names, str) else [str(v) for v in var_names]
+    if not names or any((not n) or any(c.isspace() for c in n) for n in names):
+        raise ValueError(f"{what}: expected non-empty names without whitespace, got {var_names!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what}: duplicate names in {names}")
+    return names
+
+
+def _iso(valid_time: _dt.datetime | _dt.date | str) -> str:
+    if isinstance(valid_time, (_dt.datetime, _dt.date)):
+        return valid_time.isoformat()
+    if isinstance(valid_time, str):
+        try:
+            _dt.datetime.fromisoformat(valid_time)
+        except ValueError:
+            raise ValueError(f"valid_time: not an ISO 8601 date-time: {valid_time!r}") from None
+        return valid_time
+    raise ValueError(f"valid_time: expected a datetime or ISO 8601 string, got {valid_time!r}")
+
+
+def write_obs_file(path: str | os.PathLike, obs: Observations, var_names: Sequence[str],
+                   cycle: int, valid_time: _dt.datetime | str) -> Path:
+    """Write the observations of one cycle to ``path`` (atomically) and return the path.
+
+    Args:
+        obs: the observations; ``var_index`` indexes ``var_names``.
+        var_names: names of the state variables (no whitespace), e.g. ``["u", "v", "h"]``.
+        cycle: 0-based analysis cycle (>= 0).
+        valid_time: the analysis time, a ``datetime`` or an ISO 8601 string.
+
+    Raises:
+        ValueError: non-finite values or coordinates, ``var_index`` outside ``var_names``.
+    """
+    names = _names(var_names)
+    if isinstance(cycle, bool) or int(cycle) != cycle or cycle < 0:
+        raise ValueError(f"cycle: must be an int >= 0, got {cycle!r}")
+    vt = _iso(valid_time)
+    p = len(obs)
+    arrays = {f: np.asarray(getattr(obs, f)) for f in _FIELDS}
+    for f in ("value", "error_std", "x", "y"):
+        if not np.all(np.isfinite(arrays[f])):
+            raise ValueError(f"obs.{f}: contains non-finite values; refusing to write {path}")
+    vi = arrays["var_index"]
+    if p and (np.any(vi != np.round(vi)) or np.any((vi < 0) | (vi >= len(names)))):
+        raise ValueError(f"obs.var_index: values must be ints in [0, {len(names)}) "
+                         f"(var_names={names}); refusing to write {path}")
+
+    with atomic_path(path) as tmp:
+        with netCDF4.Dataset(tmp, "w", format="NETCDF4") as ds:
+            ds.createDimension("obs", p)
+            v = ds.createVariable("value", "f8", ("obs",))
+            v.long_name = "observed value"
+            v.comment = "in the units of the observed state variable"
+            v[:] = arrays["value"].astype(np.float64)
+            v = ds.createVariable("error_std", "f8", ("obs",))
+            v.long_name = "observation error standard deviation"
+            v.comment = "R = diag(error_std**2); same units as value"
+            v[:] = arrays["error_std"].astype(np.float64)
+            v = ds.createVariable("var_index", "i4", ("obs",))
+            v.long_name = "index of the observed state variable in variable_names"
+            v.flag_values = np.arange(len(names), dtype=np.int32)
+            v.flag_meanings = " ".join(names)
+            v[:] = vi.astype(np.int32)
+            for c, axis in (("x", "X"), ("y", "Y")):
+                v = ds.createVariable(c, "f8", ("obs",))
+                v.long_name = f"{c} position, 0-based grid index on the periodic grid"
+                v.units = "grid_index"
+                v.axis = axis
+                v[:] = arrays[c].astype(np.float64)
+            ds.Conventions = "CF-1.8"
+            ds.title = "lodas observations of one analysis cycle"
+            ds.variable_names = " ".join(names)
+            ds.cycle = np.int32(cycle)
+            ds.valid_time = vt
+    return Path(path)
+
+
+def _open(path: str | os.PathLike) -> netCDF4.Dataset:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"observation file not found: {path}")
+    try:
+        return netCDF4.Dataset(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable netCDF file ({e})") from None
+
+
+def read_obs_attributes(path: str | os.PathLike) -> dict:
+    """Global metadata of an observation file: ``cycle`` (int), ``valid_time`` (str),
+    ``variable_names`` (list of str), ``n_obs`` (int)."""
+    with _open(path) as ds:
+        missing = [a for a in ("cycle", "valid_time", "variable_names") if a not in ds.ncattrs()]
+        if missing:
+            raise ValueError(f"{path}: missing global attribute(s) {missing}")
+        if "obs" not in ds.dimensions:
+            raise ValueError(f"{path}: missing dimension 'obs'")
+        return {"cycle": int(ds.getncattr("cycle")), "valid_time": str(ds.getncattr("valid_time")),
+                "variable_names": str(ds.getncattr("variable_names")).split(),
+                "n_obs": len(ds.dimensions["obs"])}
+
+
+def read_obs_file(path: str | os.PathLike, var_names: Sequence[str], *,
+                  shape: tuple[int, int, int] | None = None) -> Observations:
+    """Read one observation file, checked against the run's variables (and grid).
+
+    Args:
+        path: the file.
+        var_names: the run's state variable names, in state order; the file's
+            ``var_index`` is mapped through its ``variable_names`` onto this list.
+        shape: the run's state shape ``(nvar, ny, nx)``; if given, ``x``/``y`` are checked to
+            lie in ``[0, nx)``/``[0, ny)`` and ``nvar`` against ``var_names``.
+
+    Returns:
+        :class:`Observations` with ``var_index`` in the run's variable order.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (message names the path).
+        ValueError: naming the file and the problem: not netCDF, missing dimension/variable/
+            attribute, wrong units, variable names not matching the run's, ``var_index`` out
+            of range, non-finite or fill values, ``error_std <= 0``, coordinates off the grid.
+    """
+    run_names = _names(var_names)
+    if shape is not None and (len(shape) != 3 or shape[0] != len(run_names)):
+        raise ValueError(f"shape: {shape!r} does not match var_names {run_names} "
+                         f"(expected (nvar={len(run_names)}, ny, nx))")
+    with _open(path) as ds:
+        if "obs" not in ds.dimensions:
+            raise ValueError(f"{path}: missing dimension 'obs'")
+        missing = [f for f in _FIELDS if f not in ds.variables]
+        if missing:
+            raise ValueError(f"{path}: missing variable(s) {missing} (need {list(_FIELDS)})")
+        if "variable_names" not in ds.ncattrs():
+            raise ValueError(f"{path}: missing global attribute 'variable_names'")
+        file_names = str(ds.getncattr("variable_names")).split()
+        data = {}
+        for f in _FIELDS:
+            var = ds.variables[f]
+            if var.dimensions != ("obs",):
+                raise ValueError(f"{path}: variable '{f}' has dimensions {var.dimensions}, "
+                                 "expected ('obs',)")
+            a = var[:]
+            if np.ma.is_masked(a):
+                raise ValueError(f"{path}: variable '{f}' has {int(np.ma.count_masked(a))} "
+                                 "missing (fill) value(s)")
+            data[f] = np.asarray(np.ma.getdata(a))
+        for c in ("x", "y"):
+            units = getattr(ds.variables[c], "units", None)
+            if units != "grid_index":
+                raise ValueError(f"{path}: variable '{c}' has units {units!r}, expected 'grid_index'")
+        if not np.issubdtype(data["var_index"].dtype, np.integer):
+            raise ValueError(f"{path}: variable 'var_index' has type {data['var_index'].dtype}, "
+                             "expected an integer type")
+
+    unknown = [n for n in file_names if n not in run_names]
+    if not file_names or unknown or len(set(file_names)) != len(file_names):
+        raise ValueError(f"{path}: variable_names {file_names} do not match the run's "
+                         f"variables {run_names}" + (f" (unknown: {unknown})" if unknown else ""))
+    vi = data["var_index"].astype(np.int64)
+    bad = np.flatnonzero((vi < 0) | (vi >= len(file_names)))
+    if bad.size:
+        raise ValueError(f"{path}: {bad.size} var_index value(s) outside [0, {len(file_names)}) "
+                         f"(variable_names {file_names}), first at obs {bad[0]}: {vi[bad[0]]}")
+    for f in ("value", "error_std", "x", "y"):
+        bad = np.flatnonzero(~np.isfinite(data[f]))
+        if bad.size:
+            raise ValueError(f"{path}: variable '{f}' has {bad.size} non-finite value(s), "
+                             f"first at obs {bad[0]}: {data[f][bad[0]]!r}")
+    bad = np.flatnonzero(data["error_std"] <= 0)
+    if bad.size:
+        raise ValueError(f"{path}: variable 'error_std' has {bad.size} value(s) <= 0, "
+                         f"first at obs {bad[0]}: {data['error_std'][bad[0]]!r}")
+    if shape is not None:
+        _, ny, nx = shape
+        for c, m in (("x", nx), ("y", ny)):
+            bad = np.flatnonzero((data[c] < 0) | (data[c] >= m))
+            if bad.size:
+                raise ValueError(f"{path}: {bad.size} '{c}' coordinate(s) outside the grid "
+                                 f"[0, {m}), first at obs {bad[0]}: {data[c][bad[0]]!r}")
+
+    to_run = np.array([run_names.index(n) for n in file_names], dtype=np.int64)
+    return Observations(value=data["value"].astype(np.float64),
+                        error_std=data["error_std"].astype(np.float64),
+                        var_index=to_run[vi],
+                        x=data["x"].astype(np.float64),
+                        y=data["y"].astype(np.float64))
