@@ -205,6 +205,7 @@ class Config:
     sw: SwNml | None
     raw: f90nml.Namelist = field(repr=False)
     overridden_groups: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()
 
     @property
     def n_state(self) -> int:
@@ -409,7 +410,7 @@ def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -
             groups[_ATTR[name]] = None
             continue
         groups[_ATTR[name]] = _build_group(path, name, cls, dict(raw.get(name, {})))
-    cfg = Config(path=path, raw=raw, overridden_groups=tuple(dict.fromkeys(touched)), **groups)
+    cfg = Config(path=path, raw=raw, overridden_groups=tuple(dict.fromkeys(touched)), overrides=tuple(overrides), **groups)
     _check_consistency(cfg)
     return cfg
 

@@ -35,6 +35,9 @@ def test_round_trip(tmp_path):
     back = read_obs_file(path, NAMES, shape=SW)
     assert_obs_equal(back, obs)
     assert back.var_index.dtype == np.int64
+    back, valid = read_obs_file(path, NAMES, with_valid_time=True)
+    assert valid == "2000-01-01T06:00:00"
+    assert_obs_equal(back, obs)
     meta = read_obs_attributes(path)
     assert meta == {"cycle": 3, "valid_time": "2000-01-01T06:00:00", "variable_names": NAMES,
                     "n_obs": 25}
@@ -44,9 +47,9 @@ def test_round_trip(tmp_path):
 
 
 def test_empty_round_trip(tmp_path):
-    path = write_obs_file(tmp_path / "e.nc", Observations.empty(), ["x"], 0, "2000-01-01T00:00:00")
-    back = read_obs_file(path, ["x"])
-    assert len(back) == 0
+    path = write_obs_file(tmp_path / "e.nc", Observations.empty(), ["x"], 0, "2000-01-01")
+    back, valid = read_obs_file(path, ["x"], with_valid_time=True)
+    assert len(back) == 0 and valid == "2000-01-01T00:00:00"   # normalised ISO 8601
 
 
 def test_subset_file_is_mapped_onto_run_variables(tmp_path):

@@ -50,16 +50,18 @@ def _names(var_names: Sequence[str] | str, what: str = "var_names") -> list[str]
     return names
 
 
-def _iso(valid_time: _dt.datetime | _dt.date | str) -> str:
-    if isinstance(valid_time, (_dt.datetime, _dt.date)):
+def _iso(valid_time: _dt.datetime | _dt.date | str, what: str = "valid_time") -> str:
+    """Normalised ISO 8601 (``datetime.isoformat()``; a date means its midnight)."""
+    if isinstance(valid_time, _dt.datetime):
         return valid_time.isoformat()
+    if isinstance(valid_time, _dt.date):
+        return _dt.datetime.combine(valid_time, _dt.time()).isoformat()
     if isinstance(valid_time, str):
         try:
-            _dt.datetime.fromisoformat(valid_time)
+            return _dt.datetime.fromisoformat(valid_time.strip()).isoformat()
         except ValueError:
-            raise ValueError(f"valid_time: not an ISO 8601 date-time: {valid_time!r}") from None
-        return valid_time
-    raise ValueError(f"valid_time: expected a datetime or ISO 8601 string, got {valid_time!r}")
+            raise ValueError(f"{what}: not an ISO 8601 date-time: {valid_time!r}") from None
+    raise ValueError(f"{what}: expected a datetime or ISO 8601 string, got {valid_time!r}")
 
 
 def write_obs_file(path: str | os.PathLike, obs: Observations, var_names: Sequence[str],
@@ -70,7 +72,8 @@ def write_obs_file(path: str | os.PathLike, obs: Observations, var_names: Sequen
         obs: the observations; ``var_index`` indexes ``var_names``.
         var_names: names of the state variables (no whitespace), e.g. ``["u", "v", "h"]``.
         cycle: 0-based analysis cycle (>= 0).
-        valid_time: the analysis time, a ``datetime`` or an ISO 8601 string.
+        valid_time: the analysis time, a ``datetime`` or an ISO 8601 string; stored
+            normalised as ``datetime.fromisoformat(...).isoformat()``.
 
     Raises:
         ValueError: non-finite values or coordinates, ``var_index`` outside ``var_names``.
@@ -130,21 +133,23 @@ def _open(path: str | os.PathLike) -> netCDF4.Dataset:
 
 
 def read_obs_attributes(path: str | os.PathLike) -> dict:
-    """Global metadata of an observation file: ``cycle`` (int), ``valid_time`` (str),
-    ``variable_names`` (list of str), ``n_obs`` (int)."""
+    """Global metadata of an observation file: ``cycle`` (int), ``valid_time`` (normalised
+    ISO 8601 str), ``variable_names`` (list of str), ``n_obs`` (int)."""
     with _open(path) as ds:
         missing = [a for a in ("cycle", "valid_time", "variable_names") if a not in ds.ncattrs()]
         if missing:
             raise ValueError(f"{path}: missing global attribute(s) {missing}")
         if "obs" not in ds.dimensions:
             raise ValueError(f"{path}: missing dimension 'obs'")
-        return {"cycle": int(ds.getncattr("cycle")), "valid_time": str(ds.getncattr("valid_time")),
+        return {"cycle": int(ds.getncattr("cycle")),
+                "valid_time": _iso(str(ds.getncattr("valid_time")), f"{path}: valid_time"),
                 "variable_names": str(ds.getncattr("variable_names")).split(),
                 "n_obs": len(ds.dimensions["obs"])}
 
 
 def read_obs_file(path: str | os.PathLike, var_names: Sequence[str], *,
-                  shape: tuple[int, int, int] | None = None) -> Observations:
+                  shape: tuple[int, int, int] | None = None, with_valid_time: bool = False
+                  ) -> Observations | tuple[Observations, str | None]:
     """Read one observation file, checked against the run's variables (and grid).
 
     Args:
@@ -153,9 +158,13 @@ def read_obs_file(path: str | os.PathLike, var_names: Sequence[str], *,
             ``var_index`` is mapped through its ``variable_names`` onto this list.
         shape: the run's state shape ``(nvar, ny, nx)``; if given, ``x``/``y`` are checked to
             lie in ``[0, nx)``/``[0, ny)`` and ``nvar`` against ``var_names``.
+        with_valid_time: also return the file's ``valid_time`` attribute.
 
     Returns:
-        :class:`Observations` with ``var_index`` in the run's variable order.
+        :class:`Observations` with ``var_index`` in the run's variable order; with
+        ``with_valid_time``, the tuple ``(observations, valid_time)`` where ``valid_time`` is
+        the normalised ISO 8601 string (``datetime.fromisoformat(s).isoformat()``) or
+        ``None`` if the file has no ``valid_time`` attribute.
 
     Raises:
         FileNotFoundError: ``path`` does not exist (message names the path).
@@ -176,6 +185,8 @@ def read_obs_file(path: str | os.PathLike, var_names: Sequence[str], *,
         if "variable_names" not in ds.ncattrs():
             raise ValueError(f"{path}: missing global attribute 'variable_names'")
         file_names = str(ds.getncattr("variable_names")).split()
+        valid_time = (_iso(str(ds.getncattr("valid_time")), f"{path}: valid_time")
+                      if "valid_time" in ds.ncattrs() else None)
         data = {}
         for f in _FIELDS:
             var = ds.variables[f]
@@ -222,8 +233,9 @@ def read_obs_file(path: str | os.PathLike, var_names: Sequence[str], *,
                                  f"[0, {m}), first at obs {bad[0]}: {data[c][bad[0]]!r}")
 
     to_run = np.array([run_names.index(n) for n in file_names], dtype=np.int64)
-    return Observations(value=data["value"].astype(np.float64),
-                        error_std=data["error_std"].astype(np.float64),
-                        var_index=to_run[vi],
-                        x=data["x"].astype(np.float64),
-                        y=data["y"].astype(np.float64))
+    obs = Observations(value=data["value"].astype(np.float64),
+                       error_std=data["error_std"].astype(np.float64),
+                       var_index=to_run[vi],
+                       x=data["x"].astype(np.float64),
+                       y=data["y"].astype(np.float64))
+    return (obs, valid_time) if with_valid_time else obs

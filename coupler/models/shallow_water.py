@@ -304,8 +304,10 @@ class ShallowWater:
         qV = q * (0.5 * (xm(V) + V))                      # corners
         qU = q * (0.5 * (ym(U) + U))                      # corners
 
-        lapu = ((up + xm(u)) - 2.0 * u) * rdx2 + ((yp(u) + ym(u)) - 2.0 * u) * rdy2
-        lapv = ((xp(v) + xm(v)) - 2.0 * v) * rdx2 + ((vp + ym(v)) - 2.0 * v) * rdy2
+        def lap(a):
+            return ((xp(a) + xm(a)) - 2.0 * a) * rdx2 + ((yp(a) + ym(a)) - 2.0 * a) * rdy2
+        lapu = -lap(lap(u))
+        lapv = -lap(lap(v))
 
         du = (((0.5 * (qV + yp(qV)) - (B - xm(B)) * rdx) - p.drag * u)
               + p.viscosity * lapu) + self.forcing_u
