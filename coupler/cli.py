@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="validate a namelist; print the effective configuration and rank layout")
     p.add_argument("namelist")
+    p.add_argument("--host-ranks", type=int, help="host ranks (&coupler_nml host_ranks)")
+    p.add_argument("--coupler-ranks", type=int, help="driver ranks (&coupler_nml driver_ranks)")
     _common(p)
     p = sub.add_parser("run", help="driver of an in-line MPMD job (run under mpiexec)")
     p.add_argument("namelist")
