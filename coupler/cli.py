@@ -134,6 +134,16 @@ def cmd_check(args) -> int:
 
 
 # -- run (the driver) -----------------------------------------------------------------------
+def _flush_before_abort() -> None:
+    """Give mpiexec's output forwarding a moment: MPI_Abort kills the job at once, and a message
+    still in flight would be lost, leaving the user with no reason."""
+    import time
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(0.5)
+
+
 def _install_abort_hook(comm) -> None:
     """An uncaught exception on any driver rank aborts the whole MPMD job with its message
     (as ``python -m mpi4py`` does): a dead driver must never leave the host waiting."""
@@ -142,7 +152,7 @@ def _install_abort_hook(comm) -> None:
 
         traceback.print_exception(exc_type, exc, tb)
         print(f"lodas: driver rank {comm.rank}: aborting the job: {exc_type.__name__}: {exc}", file=sys.stderr)
-        sys.stderr.flush()
+        _flush_before_abort()
         comm.Abort(3)
 
     sys.excepthook = hook
@@ -152,10 +162,6 @@ def cmd_run(args) -> int:
     from mpi4py import MPI
 
     from bridges.mpi_bridge import HandshakeError, MpiHostBridge, connect
-    from coupler import driver
-    from coupler.device import select_device
-    from coupler.io.outputs import Grid, RunOutputs
-    from coupler.methods import make_method
 
     world = MPI.COMM_WORLD
     _install_abort_hook(world)
@@ -177,14 +183,38 @@ def cmd_run(args) -> int:
         if layout.is_root:
             print(f"lodas: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        summary = _serve(cfg, layout, bridge)
+    except Exception as exc:  # noqa: BLE001 - once connected, any driver failure must end the whole job
+        import traceback
+
+        log.debug("%s", traceback.format_exc())
+        print(f"lodas: error: driver rank {layout.local.rank}: {type(exc).__name__}: {exc}; aborting the job "
+              f"(the host must not wait for an answer that will never come)", file=sys.stderr)
+        _flush_before_abort()
+        world.Abort(4)
+    bridge.close()
+    if layout.is_root:
+        log.info("%d cycles done; outputs in %s", summary["cycles"], cfg.coupler.output_dir)
+        _emit(summary, args.json)
+    return 0
+
+
+def _serve(cfg, layout, bridge) -> dict:
+    """Everything the driver does once connected: build the method and outputs, run the cycles."""
+    from coupler import driver
+    from coupler.device import select_device
+    from coupler.io.outputs import Grid, RunOutputs, read_trajectory
+    from coupler.methods import make_method
+
     logging.getLogger().setLevel(cfg.coupler.log_level.upper())
     device = select_device(cfg.assim.device, layout.node_rank)
     if layout.is_root:
         log.info("connected to host '%s' on %d rank(s); %d driver rank(s); device %s",
                  bridge.host_model, layout.host_size, layout.local.size, device)
-    method = make_method(cfg) if layout.is_root else None
-    outputs = truth = observations = None
+    method = outputs = truth = observations = None
     if layout.is_root:
+        method = make_method(cfg)
         grid = Grid.from_config(cfg)
         out = Path(cfg.coupler.output_dir)
         outputs = RunOutputs(out, grid, method=cfg.assim.method, experiment=cfg.coupler.experiment,
@@ -192,27 +222,16 @@ def cmd_run(args) -> int:
                              keep_backgrounds=cfg.coupler.write_backgrounds)
         cfg.write(out / "effective.nml")
         if cfg.coupler.truth_file:
-            from coupler.io.outputs import read_trajectory
-
             truth = driver.Truth(*read_trajectory(cfg.coupler.truth_file, cfg.grid.variables))
         observations = driver.file_observations(cfg.obs.obs_dir, cfg.obs.file_template, cfg.grid.variables,
                                                 cfg.state_shape, grid)
-    try:
-        summary = driver.run_cycles(bridge, method, observations, is_root=layout.is_root, outputs=outputs,
-                                    truth=truth, on_missing=cfg.obs.on_missing,
-                                    spinup_cycles=cfg.twin.spinup_cycles)
-    except driver.FatalCycleError as exc:
-        print(f"lodas: error: {exc}; aborting the job", file=sys.stderr)
-        sys.stderr.flush()
-        world.Abort(4)
-    bridge.close()
+    summary = driver.run_cycles(bridge, method, observations, is_root=layout.is_root, outputs=outputs,
+                                truth=truth, on_missing=cfg.obs.on_missing, spinup_cycles=cfg.twin.spinup_cycles)
     if layout.is_root:
         summary.update(output_dir=str(Path(cfg.coupler.output_dir)), method=cfg.assim.method,
                        host=bridge.host_model, host_ranks=layout.host_size, driver_ranks=layout.local.size)
         outputs.close(summary)
-        log.info("%d cycles done; outputs in %s", summary["cycles"], cfg.coupler.output_dir)
-        _emit(summary, args.json)
-    return 0
+    return summary
 
 
 # -- launch ---------------------------------------------------------------------------------
