@@ -97,7 +97,8 @@ def test_cli_check_prints_layout_and_json(tmp_path):
     assert bad.returncode == 2 and "host_ranks = 3 does not divide the 40 grid points" in bad.stderr
 
 
-FORTRAN_GROUPS = {"bridge_nml": "lodas_bridge.f90", "l96_nml": "l96_host.f90", "sw_nml": "sw_host.f90"}
+# sw_nml joins this list with fortran_stubs/sw_host.f90 (the shallow-water host has not landed yet).
+FORTRAN_GROUPS = {"bridge_nml": "lodas_bridge.f90", "l96_nml": "l96_host.f90"}
 
 
 @pytest.mark.parametrize("group", sorted(FORTRAN_GROUPS))
