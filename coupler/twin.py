@@ -144,7 +144,7 @@ def run_twin(cfg, *, plot: bool = False) -> dict:
                               out / "free", "free run")
     assim_over = common + ([f"assim_nml.b_file='{b_file}'"] if b_file else [])
     if plot:
-        assim_over.append("coupler_nml.write_backgrounds=.true.")
+        assim_over += ["coupler_nml.write_backgrounds=.true.", "coupler_nml.write_increments=.true."]
     result["assim"] = _run(cfg, assim_over, out / "assim", f"assimilation ({cfg.assim.method})")
     result["ok"] = result["assim"].get("status_counts", {}).get("ok", 0) == result["assim"].get("cycles", -1)
     print(table(result, cfg.assim.method))
