@@ -27,7 +27,7 @@ build: setup
 	$(MAKE) -s -C fortran_stubs
 
 demo: build
-	$(PY) -m coupler twin namelists/l96_twin.nml --plot
+	$(PY) -m coupler twin namelists/sw_demo.nml --plot
 
 test: build
 	$(PY) -m pytest -q tests

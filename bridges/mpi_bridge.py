@@ -10,8 +10,8 @@ Wire protocol per cycle: one ``Igatherv`` host -> driver root and one ``Iscatter
 root -> host, each carrying a header of ``HDR`` float64 per rank in front of the packed
 field (see the Fortran module). Buffers are contiguous float64 numpy arrays; nothing is
 pickled. Each host rank described its boxes at init; :class:`Decomposition` turns them into
-one index map, so unpacking is a single gather ``x[global_index] = buf[buffer_index]`` and
-the global field is bit-identical for any decomposition.
+slice copies between the buffer and the global field, which is therefore bit-identical for any
+decomposition.
 """
 from __future__ import annotations
 
@@ -80,17 +80,30 @@ def connect(world: MPI.Comm) -> Layout:
     return Layout(world=world, local=local, inter=inter, host_size=inter.Get_remote_size(), node_rank=node_rank)
 
 
-def wait(request: MPI.Request, spins: int = 2000, nap_s: float = 2e-4) -> None:
-    """Wait for ``request``: spin briefly for a quick answer, then poll with short naps.
+#: Default of ``&bridge_nml spin_s`` (also in lodas_bridge.f90).
+DEFAULT_SPIN_S = 2e-3
+#: Sleep between polls once the spin time is over, s.
+NAP_S = 2e-4
 
-    A blocking MPICH wait busy-polls a core; on oversubscribed nodes (more ranks than cores,
-    as in small tests) that starves the very host ranks the driver is waiting for.
+
+def wait(request: MPI.Request, spin_s: float = DEFAULT_SPIN_S) -> None:
+    """Wait for ``request``: poll without sleeping for ``spin_s`` seconds, then poll with naps
+    of ``NAP_S``.
+
+    A blocking MPICH wait busy-polls a core for as long as it waits; with ranks <= cores that
+    is the lowest latency, and ``&bridge_nml spin_s`` large gives exactly that. On oversubscribed
+    nodes (more ranks than cores, as in small tests) a long busy wait starves the very ranks
+    being waited for, hence the naps after ``spin_s``: a wait that outlasts ``spin_s`` gains at
+    most one nap (0.2 ms, ~0.3 ms as the OS schedules it) of latency.
     """
-    for _ in range(spins):
+    if request.Test():
+        return
+    t_end = time.perf_counter() + spin_s
+    while time.perf_counter() < t_end:
         if request.Test():
             return
     while not request.Test():
-        time.sleep(nap_s)
+        time.sleep(NAP_S)
 
 
 @dataclass(frozen=True)
@@ -100,18 +113,31 @@ class Decomposition:
     Attributes:
         counts: float64 elements sent by each host rank (header included), shape ``(host_size,)``.
         displs: offsets of each rank's segment in the receive buffer.
-        buffer_index: positions of field data in the receive buffer, shape ``(n_state,)``.
-        global_index: matching positions in the flattened global state ``(nvar, ny, nx)``.
+        boxes: one ``(offset, v, j0, nj, i0, ni)`` per (host rank, variable) with data (0-based):
+            ``buffer[offset : offset + nj*ni]`` is ``state[v, j0:j0+nj, i0:i0+ni]`` in C order
+            (the Fortran box ``(i, j)`` with ``i`` fastest).
     """
 
     counts: np.ndarray
     displs: np.ndarray
-    buffer_index: np.ndarray
-    global_index: np.ndarray
+    boxes: tuple[tuple[int, int, int, int, int, int], ...]
 
     @property
     def buffer_size(self) -> int:
         return int(self.counts.sum())
+
+    def unpack(self, buffer: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """Copy the field data of a gathered ``buffer`` into ``state`` ``(nvar, ny, nx)``: one
+        slice copy per box (no index arrays: memory-bandwidth bound)."""
+        for off, v, j0, nj, i0, ni in self.boxes:
+            state[v, j0:j0 + nj, i0:i0 + ni] = buffer[off:off + nj * ni].reshape(nj, ni)
+        return state
+
+    def pack(self, state: np.ndarray, buffer: np.ndarray) -> np.ndarray:
+        """Copy ``state`` ``(nvar, ny, nx)`` into the field positions of ``buffer`` (headers untouched)."""
+        for off, v, j0, nj, i0, ni in self.boxes:
+            buffer[off:off + nj * ni].reshape(nj, ni)[...] = state[v, j0:j0 + nj, i0:i0 + ni]
+        return buffer
 
     @classmethod
     def from_boxes(cls, boxes: np.ndarray, shape: tuple[int, int, int]) -> "Decomposition":
@@ -122,18 +148,18 @@ class Decomposition:
         """
         nvar, ny, nx = shape
         coverage = np.zeros(shape, dtype=np.int64)
-        counts, buffer_index, global_index = [], [], []
+        counts, pieces = [], []
         offset = 0
         for r, rank_boxes in enumerate(boxes):
             offset += HDR
             n_rank = 0
             for v, (i0, ni, j0, nj) in enumerate(rank_boxes):
+                i0, ni, j0, nj = (int(b) for b in (i0, ni, j0, nj))
                 if ni < 0 or nj < 0 or i0 < 1 or j0 < 1 or i0 - 1 + ni > nx or j0 - 1 + nj > ny:
                     raise ValueError(f"host rank {r}, variable {v + 1}: box i={i0}..{i0 + ni - 1}, "
                                      f"j={j0}..{j0 + nj - 1} is outside the {nx} x {ny} grid")
-                g = (v * ny + (j0 - 1 + np.arange(nj))[:, None]) * nx + (i0 - 1 + np.arange(ni))[None, :]
-                global_index.append(g.ravel())  # i fastest: the Fortran order of the box
-                buffer_index.append(offset + np.arange(ni * nj))
+                if ni * nj:
+                    pieces.append((offset, v, j0 - 1, nj, i0 - 1, ni))
                 coverage[v, j0 - 1:j0 - 1 + nj, i0 - 1:i0 - 1 + ni] += 1
                 offset += ni * nj
                 n_rank += ni * nj
@@ -145,8 +171,7 @@ class Decomposition:
                              f"of variable {v + 1} {what}")
         counts = np.asarray(counts, dtype=np.int64)
         displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        return cls(counts=counts, displs=displs, buffer_index=np.concatenate(buffer_index),
-                   global_index=np.concatenate(global_index))
+        return cls(counts=counts, displs=displs, boxes=tuple(pieces))
 
 
 @dataclass
@@ -170,10 +195,13 @@ class MpiHostBridge:
         shape: ``(nvar, ny, nx)`` the driver expects.
         variables: the variable names the driver expects, in packing order.
         where: text naming the namelist file, for error messages.
+        spin_s: ``&bridge_nml spin_s``, seconds a wait polls before it starts napping (:func:`wait`).
     """
 
-    def __init__(self, layout: Layout, shape: tuple[int, int, int], variables: list[str], where: str):
+    def __init__(self, layout: Layout, shape: tuple[int, int, int], variables: list[str], where: str,
+                 spin_s: float = DEFAULT_SPIN_S):
         self.layout = layout
+        self.spin_s = spin_s
         self.shape = shape
         self.variables = list(variables)
         self.where = where
@@ -225,8 +253,11 @@ class MpiHostBridge:
         self.decomposition = lay.local.bcast(self.decomposition, root=0)
         self.host_model = lay.local.bcast(self.host_model, root=0)
         if lay.is_root:
-            self._recv = np.empty(self.decomposition.buffer_size)
-            self._send = np.zeros(self.decomposition.buffer_size)
+            dec = self.decomposition
+            self._recv = np.empty(dec.buffer_size)
+            self._send = np.zeros(dec.buffer_size)     # headers stay zero but for status and cycle
+            self._send_zero = True
+            self._head_index = dec.displs[:, None] + np.arange(HDR)
 
     def _check(self, version, host_status, nvar, nx, ny, names, msg, boxes) -> tuple[Status, str]:
         def text(b: bytes) -> str:
@@ -264,7 +295,7 @@ class MpiHostBridge:
             req = lay.inter.Igatherv(None, [self._recv, dec.counts, dec.displs, MPI.DOUBLE], root=MPI.ROOT)
         else:
             req = lay.inter.Igatherv(None, None, root=MPI.PROC_NULL)
-        wait(req)
+        wait(req, self.spin_s)
         head = np.zeros(HDR)
         if lay.is_root:
             heads = self._recv[dec.displs[:, None] + np.arange(HDR)]
@@ -273,13 +304,11 @@ class MpiHostBridge:
                 head[5] = -1.0   # ranks out of step
             elif np.any(heads[:, 5] != 0):
                 head[5] = heads[heads[:, 5] != 0, 5][0]
-        req = lay.local.Ibcast(head, root=0)
-        wait(req)
+        if lay.local.size > 1:
+            wait(lay.local.Ibcast(head, root=0), self.spin_s)
         state = None
-        if lay.is_root:
-            state = np.empty(int(np.prod(self.shape)))
-            state[dec.global_index] = self._recv[dec.buffer_index]
-            state = state.reshape(self.shape)
+        if lay.is_root and head[0] == CMD_CYCLE:
+            state = dec.unpack(self._recv, np.empty(self.shape))
         error = ""
         if head[5] == -1.0:
             error = "host ranks are out of step (different commands or steps in one exchange)"
@@ -289,21 +318,23 @@ class MpiHostBridge:
                           host_put_s=float(head[3]), host_get_s=float(head[4]), state=state, host_error=error)
 
     def send_increment(self, increment: np.ndarray | None, status: Status, cycle: int) -> None:
-        """Collective with the hosts' ``lodas_get_increment``. ``increment`` matters on the root only;
-        a non-zero ``status`` always sends zeros."""
+        """Collective with the hosts' ``lodas_get_increment``. ``increment`` ``(nvar, ny, nx)``
+        matters on the root only; a non-zero ``status`` always sends zeros."""
         lay, dec = self.layout, self.decomposition
         if lay.is_root:
             buf = self._send
-            buf[:] = 0.0
-            heads = dec.displs[:, None] + np.arange(HDR)
-            buf[heads[:, 0]] = float(int(status))
-            buf[heads[:, 1]] = float(cycle)
-            if status == Status.OK:
-                buf[dec.buffer_index] = np.ravel(increment)[dec.global_index]
+            ok = status == Status.OK and increment is not None
+            if ok:
+                dec.pack(np.asarray(increment, dtype=np.float64).reshape(self.shape), buf)
+            elif not self._send_zero:
+                buf[:] = 0.0
+            self._send_zero = not ok
+            buf[self._head_index[:, 0]] = float(int(status))
+            buf[self._head_index[:, 1]] = float(cycle)
             req = lay.inter.Iscatterv([buf, dec.counts, dec.displs, MPI.DOUBLE], None, root=MPI.ROOT)
         else:
             req = lay.inter.Iscatterv(None, None, root=MPI.PROC_NULL)
-        wait(req)
+        wait(req, self.spin_s)
 
     def close(self) -> None:
         self.layout.inter.Free()

@@ -96,6 +96,9 @@ class BridgeNml:
     iau_steps: int = _key(1, doc="IAU window in model steps; each step adds increment/iau_steps", ge=1)
     deadline_s: float = _key(600.0, doc="seconds the host waits for an analysis before the job is aborted", gt=0)
     on_failure: str = _key("continue", doc="host action on a non-zero analysis status", choices=("continue", "abort"))
+    spin_s: float = _key(2e-3, doc="seconds a waiting host or driver rank polls before it polls with 0.2 ms naps: "
+                         "large (e.g. 1.0) for the lowest latency with ranks <= cores, small on oversubscribed nodes",
+                         ge=0)
 
 
 @dataclass
@@ -133,7 +136,12 @@ class TwinNml:
 
     model: str = _key("l96", doc="testbed whose numpy reference makes spin-up and climatology", choices=("l96", "sw"))
     spinup_steps: int = _key(1000, doc="model steps from the default state to the truth's initial state", ge=0)
-    init_error_std: list[float] = _key([1.0], doc="std of the perturbation of the assimilation run's initial state, per variable", ge=0)
+    init_background: str = _key("perturbed_truth", doc="initial state of the free and assimilation runs: "
+                                "perturbed_truth (truth + white noise of init_error_std) or independent (a state "
+                                "of an independent trajectory, spun up from the default state + init_error_std noise)",
+                                choices=("perturbed_truth", "independent"))
+    init_error_std: list[float] = _key([1.0], doc="std per variable of the initial perturbation (init_background) and "
+                                       "of the perturbation that starts the independent climatology trajectory", ge=0)
     clim_samples: int = _key(1000, doc="states in the climatology from which B is estimated", ge=2)
     clim_stride: int = _key(10, doc="model steps between climatology samples", ge=1)
     free_run: bool = _key(True, doc="also run without assimilation, for the free-run RMSE")
@@ -161,17 +169,17 @@ class SwNml:
     """
 
     nx: int = _key(64, doc="grid points in x", ge=4)
-    ny: int = _key(64, doc="grid points in y (divisible by the host ranks)", ge=4)
-    lx_m: float = _key(3.2e6, doc="domain length in x, m", gt=0)
+    ny: int = _key(64, doc="grid points in y (a multiple of the host ranks, >= 2 rows per rank)", ge=4)
+    lx_m: float = _key(3.2e6, doc="domain length in x, m (dx = lx_m/nx = 50 km)", gt=0)
     ly_m: float = _key(3.2e6, doc="domain length in y, m", gt=0)
-    dt_s: float = _key(900.0, doc="RK4 time step, s", gt=0)
-    f0: float = _key(1e-4, doc="Coriolis parameter, 1/s")
-    g: float = _key(0.8, doc="reduced gravity g', m/s^2 (c = sqrt(g h0) = 20 m/s)", gt=0)
-    h0_m: float = _key(500.0, doc="mean layer depth, m", gt=0)
-    viscosity: float = _key(2e3, doc="Laplacian viscosity, m^2/s", ge=0)
-    drag: float = _key(1e-6, doc="linear drag, 1/s", ge=0)
-    forcing_amp: float = _key(1e-6, doc="amplitude F0 of the zonal Kolmogorov body force F0 sin(2 pi k y/Ly), m/s^2")
-    forcing_wavenumber: int = _key(4, doc="forcing wavelengths across the domain", ge=1)
+    dt_s: float = _key(900.0, doc="RK4 time step, s (gravity-wave Courant number c dt/dx = 0.54)", gt=0)
+    f0: float = _key(1e-4, doc="Coriolis parameter, 1/s (f-plane)")
+    g: float = _key(1.8, doc="reduced gravity g', m/s^2 (c = sqrt(g h0) = 30 m/s, Ld = c/f0 = 300 km)", gt=0)
+    h0_m: float = _key(500.0, doc="mean layer thickness, m", gt=0)
+    viscosity: float = _key(1e12, doc="biharmonic viscosity nu4, m^4/s (2 dx wave e-folds in ~4.5 days)", ge=0)
+    drag: float = _key(3e-7, doc="linear (Rayleigh) drag, 1/s (1/r = 39 days)", ge=0)
+    forcing_amp: float = _key(3e-6, doc="amplitude F0 of the zonal Kolmogorov body force F0 sin(2 pi k y/Ly), m/s^2")
+    forcing_wavenumber: int = _key(8, doc="forcing wavelengths across the domain (8: 400 km jets)", ge=1)
     steps_per_cycle: int = _key(24, doc="model steps between analyses (24 x 900 s = 6 h)", ge=1)
     n_cycles: int = _key(40, doc="analysis cycles", ge=1)
     init_file: str = _key("", doc="initial state, raw float64 (nx, ny, 3) Fortran order; empty: default state")

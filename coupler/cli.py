@@ -161,7 +161,7 @@ def _install_abort_hook(comm) -> None:
 def cmd_run(args) -> int:
     from mpi4py import MPI
 
-    from bridges.mpi_bridge import HandshakeError, MpiHostBridge, connect
+    from bridges.mpi_bridge import DEFAULT_SPIN_S, HandshakeError, MpiHostBridge, connect
 
     world = MPI.COMM_WORLD
     _install_abort_hook(world)
@@ -176,7 +176,8 @@ def cmd_run(args) -> int:
         config_error = str(exc)
     layout = connect(world)
     shape = cfg.state_shape if cfg else (0, 0, 0)
-    bridge = MpiHostBridge(layout, shape, cfg.grid.variables if cfg else [], where=str(args.namelist))
+    bridge = MpiHostBridge(layout, shape, cfg.grid.variables if cfg else [], where=str(args.namelist),
+                           spin_s=cfg.bridge.spin_s if cfg else DEFAULT_SPIN_S)
     try:
         bridge.handshake(error=config_error)
     except HandshakeError as exc:
@@ -226,7 +227,8 @@ def _serve(cfg, layout, bridge) -> dict:
         observations = driver.file_observations(cfg.obs.obs_dir, cfg.obs.file_template, cfg.grid.variables,
                                                 cfg.state_shape, grid)
     summary = driver.run_cycles(bridge, method, observations, is_root=layout.is_root, outputs=outputs,
-                                truth=truth, on_missing=cfg.obs.on_missing, spinup_cycles=cfg.twin.spinup_cycles)
+                                truth=truth, on_missing=cfg.obs.on_missing, spinup_cycles=cfg.twin.spinup_cycles,
+                                variables=cfg.grid.variables)
     if layout.is_root:
         summary.update(output_dir=str(Path(cfg.coupler.output_dir)), method=cfg.assim.method,
                        host=bridge.host_model, host_ranks=layout.host_size, driver_ranks=layout.local.size)

@@ -110,9 +110,14 @@ def rmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2)))
 
 
+def rmse_per_variable(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """RMS difference of each variable of ``(nvar, ny, nx)`` states (each in its own unit)."""
+    return [float(v) for v in np.sqrt(np.mean((a - b) ** 2, axis=(-2, -1)))]
+
+
 def run_cycles(bridge: Bridge, method: AssimilationMethod | None, observations: ObservationSource, *,
                is_root: bool = True, outputs=None, truth: Truth | None = None, on_missing: str = "warn",
-               spinup_cycles: int = 0, progress=None) -> dict:
+               spinup_cycles: int = 0, progress=None, variables: list[str] | None = None) -> dict:
     """Serve the host until it finalizes; return the summary figures (root only).
 
     The analysis runs on the driver root (3D-Var is a single deterministic solve); the other
@@ -151,7 +156,7 @@ def run_cycles(bridge: Bridge, method: AssimilationMethod | None, observations: 
             outputs.cycle(row, outcome.increment, spread, bg.state)
         if progress is not None:
             progress(row)
-    return summarize(rows, spinup_cycles) if is_root else {}
+    return summarize(rows, spinup_cycles, variables) if is_root else {}
 
 
 def _diagnostics(cycle: int, bg, outcome: CycleOutcome, truth: Truth | None) -> dict:
@@ -165,16 +170,30 @@ def _diagnostics(cycle: int, bg, outcome: CycleOutcome, truth: Truth | None) -> 
         row["spread"] = float(np.sqrt(np.mean(outcome.analysis.spread ** 2)))
     x_t = truth(bg.model_time) if truth is not None else None
     if x_t is not None and np.all(np.isfinite(bg.state)):
-        row["rmse_b"] = rmse(bg.state, x_t)
-        row["rmse_a"] = rmse(bg.state + outcome.increment, x_t)
+        x_a = bg.state + outcome.increment
+        row["rmse_b"], row["rmse_a"] = rmse(bg.state, x_t), rmse(x_a, x_t)
+        row["rmse_b_per_variable"] = rmse_per_variable(bg.state, x_t)
+        row["rmse_a_per_variable"] = rmse_per_variable(x_a, x_t)
     return row
 
 
-def summarize(rows: list[dict], spinup_cycles: int = 0) -> dict:
-    """Summary figures over the cycles after ``spinup_cycles``."""
+def summarize(rows: list[dict], spinup_cycles: int = 0, variables: list[str] | None = None) -> dict:
+    """Summary figures over the cycles after ``spinup_cycles``.
+
+    RMSEs against the truth are means over cycles of the per-cycle RMSE: ``*_rmse`` over all
+    state elements, ``*_rmse_per_variable`` for each variable in its own unit (keyed by
+    ``variables`` when given, else a list in state order).
+    """
     def mean(key, rs):
         vals = [r[key] for r in rs if r.get(key) is not None and math.isfinite(r[key])]
         return float(np.mean(vals)) if vals else None
+
+    def mean_per_variable(key, rs):
+        vals = [r[key] for r in rs if r.get(key) is not None and np.all(np.isfinite(r[key]))]
+        if not vals:
+            return None
+        means = [float(v) for v in np.mean(vals, axis=0)]
+        return dict(zip(variables, means)) if variables else means
 
     kept = rows[spinup_cycles:] or rows
     counts = Counter(Status(r["status"]).label for r in rows)
@@ -183,6 +202,8 @@ def summarize(rows: list[dict], spinup_cycles: int = 0) -> dict:
         "spinup_cycles": min(spinup_cycles, len(rows)),
         "background_rmse": mean("rmse_b", kept),
         "analysis_rmse": mean("rmse_a", kept),
+        "background_rmse_per_variable": mean_per_variable("rmse_b_per_variable", kept),
+        "analysis_rmse_per_variable": mean_per_variable("rmse_a_per_variable", kept),
         "wall_s": {k: mean(k, rows) for k in ("wait_s", "analysis_s", "scatter_s", "host_put_s", "host_get_s")},
         "status_counts": dict(counts),
     }

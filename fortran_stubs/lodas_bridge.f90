@@ -20,7 +20,10 @@
 !>        header = [status, cycle, 0, ...]
 !> Packing: for v = 1..nvar, the box counts(1,v) x counts(2,v) of variable v in Fortran order.
 !> Waits are bounded by &bridge_nml deadline_s: a pending collective cannot be cancelled in MPI,
-!> so a missed deadline aborts the job with a message instead of hanging it.
+!> so a missed deadline aborts the job with a message instead of hanging it. A wait polls
+!> (MPI_Test) without sleeping for spin_s seconds, then with 0.2 ms naps (usleep) so that an
+!> oversubscribed node's cores go to the ranks being waited for; with ranks <= cores a large
+!> spin_s gives the latency of a blocking wait.
 module lodas_bridge
    use, intrinsic :: iso_c_binding, only: c_int
    use, intrinsic :: iso_fortran_env, only: error_unit
@@ -60,6 +63,7 @@ module lodas_bridge
       integer :: iau_steps = 1                         !< IAU window in model steps
       real(lodas_dp) :: deadline_s = 600.0_lodas_dp    !< longest wait for the driver, s
       character(len=16) :: on_failure = 'continue'     !< 'continue' or 'abort'
+      real(lodas_dp) :: spin_s = 2.0e-3_lodas_dp        !< busy polling before naps, s
       logical :: connected = .false., pending = .false.
       real(lodas_dp) :: put_s = 0, get_s = 0           !< wall time of the last put / get
       real(lodas_dp), allocatable, private :: sbuf(:), rbuf(:)
@@ -354,9 +358,9 @@ contains
       type(lodas_ctx), intent(inout) :: ctx
       logical, intent(in) :: send
       character(len=*), intent(in) :: what
-      integer :: req, ierr, dummy_counts(1), dummy_displs(1), spins, rc
+      integer :: req, ierr, dummy_counts(1), dummy_displs(1), rc
       logical :: done
-      real(lodas_dp) :: t0, dummy(1)
+      real(lodas_dp) :: t0, waited, dummy(1)
       character(len=LODAS_MSG_LEN) :: msg
 
       dummy_counts = 0
@@ -369,20 +373,19 @@ contains
                             size(ctx%rbuf), MPI_DOUBLE_PRECISION, 0, ctx%inter_comm, req, ierr)
       end if
       t0 = MPI_Wtime()
-      spins = 0
       do
          call MPI_Test(req, done, MPI_STATUS_IGNORE, ierr)
          if (done) exit
-         if (MPI_Wtime() - t0 > ctx%deadline_s) then
+         waited = MPI_Wtime() - t0
+         if (waited > ctx%deadline_s) then
             write (msg, '(3a,g0.4,a)') 'lodas: ', what, ': no answer from the driver within deadline_s = ', &
                ctx%deadline_s, ' s (&bridge_nml); aborting the job (MPI cannot cancel the exchange)'
             write (error_unit, '(a)') trim(msg)
             flush (error_unit)
             call MPI_Abort(ctx%world_comm, LODAS_TIMEOUT, ierr)
          end if
-         ! Spin briefly for a quick answer, then yield the core to the driver (oversubscribed nodes).
-         spins = spins + 1
-         if (spins > 2000) rc = c_usleep(200_c_int)
+         ! Spin for a quick answer, then yield the core to the driver (oversubscribed nodes).
+         if (waited > ctx%spin_s) rc = c_usleep(200_c_int)
       end do
    end subroutine exchange
 
@@ -394,9 +397,9 @@ contains
       character(len=*), intent(out) :: errmsg
       character(len=16) :: increment_mode, on_failure
       integer :: iau_steps, unit, ios
-      real(lodas_dp) :: deadline_s
+      real(lodas_dp) :: deadline_s, spin_s
       character(len=256) :: iomsg
-      namelist /bridge_nml/ increment_mode, iau_steps, deadline_s, on_failure
+      namelist /bridge_nml/ increment_mode, iau_steps, deadline_s, on_failure, spin_s
 
       status = LODAS_OK
       errmsg = ''
@@ -404,6 +407,7 @@ contains
       iau_steps = ctx%iau_steps
       deadline_s = ctx%deadline_s
       on_failure = ctx%on_failure
+      spin_s = ctx%spin_s
       open (newunit=unit, file=nml_file, status='old', action='read', iostat=ios, iomsg=iomsg)
       if (ios /= 0) then
          status = LODAS_CONFIG_ERROR
@@ -425,14 +429,15 @@ contains
          status = LODAS_CONFIG_ERROR
          errmsg = 'lodas_init: '//trim(nml_file)//": &bridge_nml on_failure = '"//trim(on_failure)// &
                   "': expected 'continue' or 'abort'"
-      else if (iau_steps < 1 .or. deadline_s <= 0) then
+      else if (iau_steps < 1 .or. deadline_s <= 0 .or. spin_s < 0) then
          status = LODAS_CONFIG_ERROR
-         errmsg = 'lodas_init: '//trim(nml_file)//': &bridge_nml iau_steps must be >= 1 and deadline_s > 0'
+         errmsg = 'lodas_init: '//trim(nml_file)//': &bridge_nml iau_steps must be >= 1, deadline_s > 0 and spin_s >= 0'
       end if
       ctx%increment_mode = increment_mode
       ctx%iau_steps = iau_steps
       ctx%deadline_s = deadline_s
       ctx%on_failure = on_failure
+      ctx%spin_s = spin_s
    end subroutine read_bridge_nml
 
 end module lodas_bridge
