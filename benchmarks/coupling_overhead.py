@@ -19,8 +19,9 @@ is timed on the host with MPI_Wtime around the exchange only, max over the host 
 ``bridge``
     ``lodas_put_background`` + ``lodas_get_increment`` on the host; the driver runs
     ``MpiHostBridge.receive_background`` + ``send_increment`` as shipped (nonblocking
-    collectives waited for by ``bridges.mpi_bridge.wait``: 2000 spins, then 0.2 ms naps; the
-    host's bridge polls the same way). No analysis: a zero increment (a known pattern in the
+    collectives waited for by ``bridges.mpi_bridge.wait``: polling for ``&bridge_nml spin_s``
+    (``--spin-s``, default the shipped 2 ms), then with 0.2 ms naps; the host's bridge polls
+    the same way). No analysis: a zero increment (a known pattern in the
     warm-up repetitions, checked by both sides).
 ``bridge_blocking``
     the same, with the driver's waits blocking (``Request.Wait``, as the bare variant): it
@@ -32,7 +33,7 @@ is timed on the host with MPI_Wtime around the exchange only, max over the host 
     Both sides blocking; no unpacking into the global array.
 ``bare_polled``
     as ``bare`` with nonblocking collectives waited for as the bridge does on both sides (host:
-    2000 ``MPI_Test`` spins then ``usleep(200)`` naps, as in ``lodas_bridge.f90``; driver:
+    ``MPI_Test`` for ``spin_s`` then ``usleep(200)`` naps, as in ``lodas_bridge.f90``; driver:
     ``bridges.mpi_bridge.wait``): bridge / bare_polled is the cost of the headers, the Python
     bookkeeping and the packing alone.
 ``netcdf`` (file round trip; the Fortran hosts have no netCDF library), exactly:
@@ -130,12 +131,16 @@ def driver(nml_path: str) -> None:
     polite = bool(bench["polite_sync"])
 
     layout = mb.connect(world)
-    bridge = mb.MpiHostBridge(layout, shape, variables, where=nml_path)
+    spin_s = float(nml["bridge_nml"]["spin_s"])
+    bridge = mb.MpiHostBridge(layout, shape, variables, where=nml_path, spin_s=spin_s)
     bridge.handshake()
     if layout.local.size != 1:
         raise RuntimeError("coupling_overhead: the benchmark driver runs on one rank")
     inter = layout.inter
-    shipped_wait = mb.wait
+    def shipped_wait(request, *args, **kwargs):
+        return wait_as_shipped(request, spin_s)
+
+    wait_as_shipped = mb.wait
 
     def blocking_wait(request, *args, **kwargs):
         request.Wait()
@@ -172,7 +177,7 @@ def driver(nml_path: str) -> None:
             sync()
             t0 = time.perf_counter()
             if v in (0, 1):   # bridge as shipped / with blocking waits
-                mb.wait = shipped_wait if v == 0 else blocking_wait
+                mb.wait = wait_as_shipped if v == 0 else blocking_wait
                 try:
                     bg = bridge.receive_background()
                     t1 = time.perf_counter()
@@ -184,7 +189,7 @@ def driver(nml_path: str) -> None:
                     bridge.send_increment(pattern if warm else zero, Status.OK, k)
                     drv_phases[k - 1, 2 * v:2 * v + 2] = t1 - t0, time.perf_counter() - t2
                 finally:
-                    mb.wait = shipped_wait
+                    mb.wait = wait_as_shipped
             elif v == 2:      # bare
                 inter.Gatherv(None, [bare_recv, sizes, displs, MPI.DOUBLE], root=MPI.ROOT)
                 if warm and not np.array_equal(bare_recv, pack(truth)):
@@ -239,7 +244,8 @@ def stats(x: np.ndarray) -> tuple[float, float]:
     return float(q50), float(q75 - q25)
 
 
-def run_case(size: int, host_ranks: int, reps: int, warmup: int, polite: bool, timeout: float) -> dict:
+def run_case(size: int, host_ranks: int, reps: int, warmup: int, polite: bool, timeout: float,
+             spin_s: float) -> dict:
     shape, variables, _ = CASES[size]
     with tempfile.TemporaryDirectory(prefix="lodas_bench_") as tmp:
         work = Path(tmp)
@@ -248,7 +254,7 @@ def run_case(size: int, host_ranks: int, reps: int, warmup: int, polite: bool, t
         nml.write_text(
             "! coupling_overhead.py: temporary namelist, read by bench_host and the benchmark driver\n"
             f"&grid_nml\n    nx = {shape[2]}\n    ny = {shape[1]}\n    variables = {names}\n/\n"
-            f"&bridge_nml\n    deadline_s = {timeout:.0f}\n/\n"
+            f"&bridge_nml\n    deadline_s = {timeout:.0f}\n    spin_s = {spin_s!r}\n/\n"
             f"&bench_nml\n    reps = {reps}\n    warmup = {warmup}\n"
             f"    polite_sync = {'.true.' if polite else '.false.'}\n    work_dir = '{work}'\n/\n")
         cmd = ["timeout", "-k", "5", f"{timeout:.0f}", "mpiexec", "-n", str(host_ranks), str(HOST_EXE), str(nml),
@@ -324,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps-scale", type=float, default=1.0, help="scale the timed repetitions")
     ap.add_argument("--warmup", type=int, default=5, help="discarded repetitions (default 5)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per MPMD job (default 120)")
+    ap.add_argument("--spin-s", type=float, default=None,
+                    help="&bridge_nml spin_s of both sides (default: the shipped default)")
     ap.add_argument("--json", metavar="PATH", help="also write the JSON summary here")
     args = ap.parse_args(argv)
     if args.driver:
@@ -333,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"coupling_overhead: {HOST_EXE} not found: build it with `make -C fortran_stubs`", file=sys.stderr)
         return 2
     cores = os.cpu_count() or 1
+    if args.spin_s is None:
+        from bridges.mpi_bridge import DEFAULT_SPIN_S
+
+        args.spin_s = DEFAULT_SPIN_S
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     unknown = [s for s in sizes if s not in CASES]
     if unknown:
@@ -345,13 +357,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = {}
         for size in sizes:
             reps = max(5, int(CASES[size][2] * args.reps_scale * (0.5 if over else 1.0)))
-            rows[size] = run_case(size, a, reps, args.warmup, polite=over, timeout=args.timeout)
+            rows[size] = run_case(size, a, reps, args.warmup, polite=over, timeout=args.timeout,
+                                  spin_s=args.spin_s)
         print_table(a, rows, cores)
         by_ranks[str(a)] = {"oversubscribed": over, "sizes": {str(s): r for s, r in rows.items()}}
     first = by_ranks[str(host_counts[0])]
     summary = {
         "sizes": first["sizes"],
         "host_ranks": host_counts[0], "driver_ranks": 1, "cores": cores, "target_ratio_bridge_bare": TARGET_RATIO,
+        "spin_s": args.spin_s,
         "sizes_by_host_ranks": by_ranks, "wall_s": round(time.perf_counter() - t_start, 1),
         "mpi": "MPICH (mpiexec)", "timing": "host MPI_Wtime per cycle, max over host ranks, median and IQR",
     }

@@ -18,7 +18,7 @@
 !>   4 files            write the piece raw to work_dir/bg.RANK.bin, barrier, barrier,
 !>                      read work_dir/inc.RANK.bin (the driver works between the two barriers)
 !>   5 bare_polled      as 3, nonblocking, each request waited for as lodas_bridge does
-!>                      (2000 MPI_Test spins, then 200 us naps); the driver polls likewise
+!>                      (MPI_Test for &bridge_nml spin_s, then 200 us naps); the driver likewise
 !> Each variant starts after a barrier on the world communicator (both sides start together);
 !> its time is MPI_Wtime around the exchange only. The increment (-0.5 g in warm-up repetitions,
 !> 0 afterwards) is checked after the timer. Rank 0 writes work_dir/host_times.bin (float64):
@@ -195,17 +195,18 @@ contains
       if (rank < mod(m, nranks)) extent = extent + 1
    end subroutine slab
 
-   !> Wait for a request the way lodas_bridge's exchange does: spin 2000 MPI_Test, then nap 200 us.
+   !> Wait for a request the way lodas_bridge's exchange does: MPI_Test for ctx%spin_s seconds,
+   !> then with 200 us naps.
    subroutine poll(request)
       integer, intent(inout) :: request
-      integer :: spins, rc
+      integer :: rc
       logical :: done
-      spins = 0
+      real(dp) :: t_start
+      t_start = MPI_Wtime()
       do
          call MPI_Test(request, done, MPI_STATUS_IGNORE, ierr)
          if (done) exit
-         spins = spins + 1
-         if (spins > 2000) rc = c_usleep(200_c_int)
+         if (MPI_Wtime() - t_start > ctx%spin_s) rc = c_usleep(200_c_int)
       end do
    end subroutine poll
 
