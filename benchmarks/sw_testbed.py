@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/sw_testbed.py [--days 120] [--json PATH]
+    .venv/bin/python benchmarks/sw_testbed.py [--days 180] [--json PATH]
 
 From the default initial state it runs the model ``--days`` days and a twin started 1e-6 m
 away in one ``h`` value, and prints, every 10 days: RMS speed, RMS ``h`` anomaly, max Rossby
@@ -30,7 +30,7 @@ from coupler.models.shallow_water import ShallowWater, ShallowWaterParams  # noq
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--days", type=int, default=120)
+    ap.add_argument("--days", type=int, default=180)
     ap.add_argument("--json", type=Path, help="also write the JSON result here")
     args = ap.parse_args(argv)
 

@@ -105,11 +105,16 @@ class BridgeNml:
 class AssimNml:
     """``&assim_nml``: the analysis method."""
 
-    method: str = _key("3dvar", doc="analysis method", choices=("none", "3dvar"))
+    method: str = _key("3dvar", doc="analysis method of the in-line driver (the ETKF needs an ensemble of "
+                       "forecasts: `lodas bench l96 --methods etkf`, with n_members and inflation)",
+                       choices=("none", "3dvar"))
     b_file: str = _key("", doc="background-error covariance file (netCDF, from `lodas twin` or `lodas climatology`)")
     b_scale: float = _key(1.0, doc="factor multiplying the climatological B", gt=0)
     cg_tol: float = _key(1e-10, doc="relative residual at which the 3D-Var conjugate gradients stop", gt=0, lt=1)
     cg_max_iter: int = _key(1000, doc="maximum conjugate-gradient iterations", ge=1)
+    n_members: int = _key(40, doc="ETKF (lodas bench only): ensemble members", ge=2)
+    inflation: float = _key(1.0, doc="ETKF (lodas bench only): multiplicative inflation of the forecast "
+                            "anomalies (1: none)", gt=0)
     device: str = _key("auto", doc="device of each driver rank: auto (GPU if present), cpu, cuda",
                        choices=("auto", "cpu", "cuda"))
 

@@ -4,7 +4,7 @@
     lodas run    FILE.nml            the driver side of an in-line MPMD job (under mpiexec)
     lodas launch FILE.nml            compose, print and run the MPMD mpiexec line
     lodas twin   FILE.nml            twin experiment: nature run, observations, free and assimilation runs
-    lodas bench  l96                 skill harness: every method on the same truth and observations
+    lodas bench  l96|sw              skill harness: every method on the same truth and observations
 
 Every command takes ``--set group.key=value`` (repeatable; applied on top of the file) and
 ``--json`` (the last line printed is one JSON object of summary figures). Bad input ends
@@ -63,10 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", action="store_true", help="write a PNG figure of the last cycle")
     _common(p)
     p = sub.add_parser("bench", help="skill harness")
-    p.add_argument("testbed", choices=["l96"])
-    p.add_argument("--methods", default="none,3dvar", help="comma-separated &assim_nml methods")
+    p.add_argument("testbed", choices=["l96", "sw"])
+    p.add_argument("--methods", default="none,3dvar", help="comma-separated &assim_nml methods (and etkf)")
     p.add_argument("--cycles", type=int, default=None, help="analysis cycles (default: the namelist's)")
-    p.add_argument("--namelist", default=str(REPO / "namelists" / "l96_bench.nml"))
+    p.add_argument("--seed", type=int, default=None, help="experiment seed (default: &coupler_nml seed)")
+    p.add_argument("--namelist", default=None, help="default: namelists/<testbed>_bench.nml")
     _common(p)
     return ap
 
@@ -297,10 +298,13 @@ def cmd_twin(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from coupler.bench import bench_l96
+    from coupler.bench import bench
 
-    cfg = load(args.namelist, args.overrides)
-    summary = bench_l96(cfg, [m.strip() for m in args.methods.split(",") if m.strip()], n_cycles=args.cycles)
+    cfg = load(args.namelist or REPO / "namelists" / f"{args.testbed}_bench.nml", args.overrides)
+    if cfg.twin.model != args.testbed:
+        raise SystemExit(f"lodas bench {args.testbed}: {cfg.path} sets &twin_nml model = '{cfg.twin.model}'")
+    summary = bench(cfg, [m.strip() for m in args.methods.split(",") if m.strip()], n_cycles=args.cycles,
+                    seed=args.seed)
     _emit(summary, args.json)
     return 0
 

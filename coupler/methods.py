@@ -29,4 +29,7 @@ def make_method(cfg, covariance=None) -> AssimilationMethod | None:
                 raise ValueError(f"{cfg.path}: &assim_nml b_file = '{a.b_file}' holds variables {list(names)}; "
                                  f"&grid_nml variables = {cfg.grid.variables}")
         return ThreeDVar(covariance.scaled(a.b_scale), cg_tol=a.cg_tol, cg_max_iter=a.cg_max_iter)
+    if a.method == "etkf":      # not a namelist choice; guards a Config built in code
+        raise ValueError(f"{cfg.path}: &assim_nml method = 'etkf': etkf needs an ensemble of model forecasts, "
+                         f"which the in-line host (one deterministic state) cannot provide: use `lodas bench`")
     raise ValueError(f"{cfg.path}: &assim_nml method = '{a.method}' is not implemented")

@@ -1,0 +1,23 @@
+"""The skill harness: every method on the same truth and observations, the --json contract."""
+import json
+
+from tests.conftest import lodas
+
+
+def test_bench_l96_json_contract_and_ordering():
+    """300 cycles: 3D-Var beats no assimilation and the ETKF beats 3D-Var (published 0.41 vs 0.18)."""
+    p = lodas("bench", "l96", "--methods", "none,3dvar,etkf", "--cycles", "300", "--set",
+              "twin_nml.spinup_cycles=100", "--json", timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["testbed"] == "l96" and out["cycles"] == 300 and out["n_obs_per_cycle"] == 40
+    m = out["methods"]
+    for name in ("none", "3dvar", "etkf"):
+        assert {"analysis_rmse", "background_rmse", "wall_s_per_cycle"} <= set(m[name]), m[name]
+    assert m["3dvar"]["analysis_rmse"] < 0.6 < 3.0 < m["none"]["analysis_rmse"]
+    assert m["etkf"]["analysis_rmse"] < 0.8 * m["3dvar"]["analysis_rmse"]
+
+
+def test_bench_rejects_a_namelist_of_the_other_testbed():
+    p = lodas("bench", "sw", "--namelist", "namelists/l96_bench.nml", "--cycles", "2", timeout=120)
+    assert p.returncode != 0 and "twin_nml model = 'l96'" in p.stderr
