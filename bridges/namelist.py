@@ -105,15 +105,31 @@ class BridgeNml:
 class AssimNml:
     """``&assim_nml``: the analysis method."""
 
-    method: str = _key("3dvar", doc="analysis method of the in-line driver (the ETKF needs an ensemble of "
-                       "forecasts: `lodas bench l96 --methods etkf`, with n_members and inflation)",
-                       choices=("none", "3dvar"))
+    method: str = _key("3dvar", doc="analysis method: none, 3dvar, or latent diffusion with latent optimization "
+                       "(lo-sda) and its baselines dps and sda (`lodas bench` also runs etkf)",
+                       choices=("none", "3dvar", "lo-sda", "dps", "sda"))
     b_file: str = _key("", doc="background-error covariance file (netCDF, from `lodas twin` or `lodas climatology`)")
     b_scale: float = _key(1.0, doc="factor multiplying the climatological B", gt=0)
     cg_tol: float = _key(1e-10, doc="relative residual at which the 3D-Var conjugate gradients stop", gt=0, lt=1)
     cg_max_iter: int = _key(1000, doc="maximum conjugate-gradient iterations", ge=1)
-    n_members: int = _key(40, doc="ETKF (lodas bench only): ensemble members", ge=2)
-    inflation: float = _key(1.0, doc="ETKF (lodas bench only): multiplicative inflation of the forecast "
+    checkpoint: str = _key("", doc="diffusion methods: trained VAE + prior checkpoint (from `lodas train`); "
+                           "empty: the shipped checkpoint of &twin_nml model")
+    n_members: int = _key(16, doc="ensemble members (diffusion methods: samples, split over the driver ranks; "
+                          "etkf in `lodas bench`)", ge=2)
+    member_batch: int = _key(8, doc="diffusion methods: members sampled together in one batch; ranks get whole "
+                             "batches, so results do not depend on the number of driver ranks", ge=1)
+    n_steps: int = _key(10, doc="diffusion methods: reverse-diffusion sampling steps", ge=1)
+    stochastic: bool = _key(True, doc="diffusion methods: re-noise with fresh noise (ancestral) instead of DDIM", )
+    lo_iterations: int = _key(3, doc="lo-sda: latent-optimization iterations per sampling step", ge=1)
+    lo_lr: float = _key(0.1, doc="lo-sda: step size of the latent optimizer", gt=0)
+    lo_optimizer: str = _key("adam", doc="lo-sda: latent optimizer", choices=("adam", "sgd"))
+    prior_weight: float = _key(1.0, doc="lo-sda: weight of the latent background term (x the noise-level "
+                               "consistent lambda_t)", ge=0)
+    dps_zeta: float = _key(1.0, doc="dps: guidance step size", gt=0)
+    sda_gamma: float = _key(1e-2, doc="sda: variance factor of the Gaussian likelihood approximation", ge=0)
+    precision: str = _key("float32", doc="diffusion networks: float32, or bf16 autocast (GPU)",
+                          choices=("float32", "bf16"))
+    inflation: float = _key(1.0, doc="etkf (lodas bench only): multiplicative inflation of the forecast "
                             "anomalies (1: none)", gt=0)
     device: str = _key("auto", doc="device of each driver rank: auto (GPU if present), cpu, cuda",
                        choices=("auto", "cpu", "cuda"))

@@ -207,7 +207,7 @@ def _serve(cfg, layout, bridge) -> dict:
     from coupler import driver
     from coupler.device import select_device
     from coupler.io.outputs import Grid, RunOutputs, read_trajectory
-    from coupler.methods import make_method
+    from coupler.methods import ENSEMBLE_METHODS, make_method
 
     logging.getLogger().setLevel(cfg.coupler.log_level.upper())
     device = select_device(cfg.assim.device, layout.node_rank)
@@ -215,8 +215,9 @@ def _serve(cfg, layout, bridge) -> dict:
         log.info("connected to host '%s' on %d rank(s); %d driver rank(s); device %s",
                  bridge.host_model, layout.host_size, layout.local.size, device)
     method = outputs = truth = observations = None
+    if layout.is_root or cfg.assim.method in ENSEMBLE_METHODS:    # ensemble members run on every rank
+        method = make_method(cfg, device=device)
     if layout.is_root:
-        method = make_method(cfg)
         grid = Grid.from_config(cfg)
         out = Path(cfg.coupler.output_dir)
         outputs = RunOutputs(out, grid, method=cfg.assim.method, experiment=cfg.coupler.experiment,
@@ -229,7 +230,7 @@ def _serve(cfg, layout, bridge) -> dict:
                                                 cfg.state_shape, grid)
     summary = driver.run_cycles(bridge, method, observations, is_root=layout.is_root, outputs=outputs,
                                 truth=truth, on_missing=cfg.obs.on_missing, spinup_cycles=cfg.twin.spinup_cycles,
-                                variables=cfg.grid.variables)
+                                variables=cfg.grid.variables, comm=layout.local)
     if layout.is_root:
         summary.update(output_dir=str(Path(cfg.coupler.output_dir)), method=cfg.assim.method,
                        host=bridge.host_model, host_ranks=layout.host_size, driver_ranks=layout.local.size)

@@ -117,12 +117,21 @@ def rmse_per_variable(a: np.ndarray, b: np.ndarray) -> list[float]:
 
 def run_cycles(bridge: Bridge, method: AssimilationMethod | None, observations: ObservationSource, *,
                is_root: bool = True, outputs=None, truth: Truth | None = None, on_missing: str = "warn",
-               spinup_cycles: int = 0, progress=None, variables: list[str] | None = None) -> dict:
+               spinup_cycles: int = 0, progress=None, variables: list[str] | None = None, comm=None) -> dict:
     """Serve the host until it finalizes; return the summary figures (root only).
 
-    The analysis runs on the driver root (3D-Var is a single deterministic solve); the other
-    driver ranks take part in every exchange so that ensemble methods can use them.
+    Deterministic methods (3D-Var) run on the driver root. An ensemble method (one with
+    ``sample_batches``, :mod:`coupler.ensemble`) given with ``comm``, the driver's
+    intra-communicator of more than one rank, has its members sampled on every rank: every
+    rank must then call this with the same method built from the same configuration.
     """
+    from coupler.ensemble import EnsembleRunner
+
+    runner = None
+    if comm is not None and comm.size > 1 and hasattr(method, "sample_batches"):
+        runner = EnsembleRunner(method, comm)
+        if is_root:
+            method = runner
     rows, cycle = [], -1
     while True:
         t0 = time.perf_counter()
@@ -134,12 +143,16 @@ def run_cycles(bridge: Bridge, method: AssimilationMethod | None, observations: 
             break
         cycle += 1
         outcome, t1 = None, time.perf_counter()
+        if runner is not None and not is_root:
+            runner.serve_cycle()
         if is_root:
             if bg.host_error:
                 outcome = CycleOutcome(Status.PROTOCOL_ERROR, np.zeros(bg.state.shape), None,
                                        f"cycle {cycle}: {bg.host_error}")
             else:
                 outcome = analyse_cycle(method, bg.state, observations, cycle, bg.model_time, on_missing=on_missing)
+            if runner is not None:
+                runner.skip()
             if outcome.message:
                 (log.warning if outcome.status == Status.NO_OBSERVATIONS else log.error)(outcome.message)
         analysis_s = time.perf_counter() - t1

@@ -2,19 +2,36 @@
 to implementations and reads what they need from files)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from coupler.assim.base import AssimilationMethod
 
+#: Latent diffusion methods: ensembles whose members are split over the driver ranks.
+ENSEMBLE_METHODS = ("lo-sda", "dps", "sda")
+#: Where the shipped checkpoints live (``&assim_nml checkpoint = ''`` picks ``<testbed>.pt``).
+SHIPPED_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 
-def make_method(cfg, covariance=None) -> AssimilationMethod | None:
+
+def checkpoint_path(cfg) -> Path:
+    """``&assim_nml checkpoint``, or the shipped checkpoint of ``&twin_nml model``."""
+    return Path(cfg.assim.checkpoint) if cfg.assim.checkpoint else SHIPPED_CHECKPOINTS / f"{cfg.twin.model}.pt"
+
+
+def make_method(cfg, covariance=None, device: str = "cpu") -> AssimilationMethod | None:
     """The configured method, or ``None`` for ``method = 'none'`` (zero increments, free run).
 
     Args:
         cfg: the effective :class:`bridges.namelist.Config`.
         covariance: a ready background-error covariance (skips reading ``b_file``).
+        device: this rank's torch device (diffusion methods).
     """
     a = cfg.assim
     if a.method == "none":
         return None
+    if a.method in ENSEMBLE_METHODS:
+        from coupler.assim.latent_da import LatentDiffusionAssimilation
+
+        return LatentDiffusionAssimilation.from_config(cfg, checkpoint_path(cfg), device=device)
     if a.method == "3dvar":
         from coupler.assim.threedvar import ThreeDVar
 
@@ -29,7 +46,4 @@ def make_method(cfg, covariance=None) -> AssimilationMethod | None:
                 raise ValueError(f"{cfg.path}: &assim_nml b_file = '{a.b_file}' holds variables {list(names)}; "
                                  f"&grid_nml variables = {cfg.grid.variables}")
         return ThreeDVar(covariance.scaled(a.b_scale), cg_tol=a.cg_tol, cg_max_iter=a.cg_max_iter)
-    if a.method == "etkf":      # not a namelist choice; guards a Config built in code
-        raise ValueError(f"{cfg.path}: &assim_nml method = 'etkf': etkf needs an ensemble of model forecasts, "
-                         f"which the in-line host (one deterministic state) cannot provide: use `lodas bench`")
     raise ValueError(f"{cfg.path}: &assim_nml method = '{a.method}' is not implemented")
