@@ -143,12 +143,23 @@ class ObsNml:
     file_template: str = _key("obs_{cycle:06d}.nc", doc="file name per cycle; {cycle} is the 0-based cycle index")
     on_missing: str = _key("warn", doc="missing file for a cycle: warn (zero increment, status 1) or error (stop)",
                            choices=("warn", "error"))
-    network: str = _key("all", doc="synthetic network", choices=("all", "every_k", "stations", "fraction"))
+    network: list[str] = _key(["all"], doc="synthetic network: one kind or a list of distinct kinds observed in the "
+                              "same cycle, e.g. 'stations', 'footprints' (all, every_k, stations, fraction: grid "
+                              "points; footprints: box averages of footprint x footprint grid points tiling the grid)",
+                              choices=("all", "every_k", "stations", "fraction", "footprints"))
     every_k: int = _key(2, doc="every_k network: observe every k-th grid point", ge=1)
     n_stations: int = _key(100, doc="stations network: number of stations", ge=1)
     fraction: float = _key(0.1, doc="fraction network: fraction of grid points observed", gt=0, le=1)
-    variables: list[str] = _key([], doc="observed variables (empty: all of &grid_nml variables)")
-    error_std: list[float] = _key([1.0], doc="observation error std per observed variable (one value: all)", gt=0)
+    variables: list[str] = _key([], doc="variables observed by the point kinds (all, every_k, stations, fraction); "
+                                "empty: all of &grid_nml variables")
+    error_std: list[float] = _key([1.0], doc="point kinds: observation error std per observed variable (one value: "
+                                  "all), in the variable's units", gt=0)
+    footprint: int = _key(8, doc="footprints network: grid points per box side (a satellite footprint of footprint x "
+                          "footprint points; must divide nx and ny, a segment of footprint points when ny = 1)", ge=1)
+    footprint_variables: list[str] = _key([], doc="variables observed by the footprints kind (empty: all of &grid_nml "
+                                          "variables)")
+    footprint_error_std: list[float] = _key([1.0], doc="footprints kind: observation error std per footprint variable "
+                                            "(one value: all), in the variable's units", gt=0)
 
 
 @dataclass
@@ -254,13 +265,28 @@ class Config:
                                 f"&{self.twin.model}_nml group, which the file does not have")
         return m
 
-    def observed_variables(self) -> list[str]:
-        return list(self.obs.variables) or list(self.grid.variables)
+    def observed_variables(self, kind: str | None = None) -> list[str]:
+        """Variables observed by network ``kind`` (``None`` or a point kind: ``&obs_nml
+        variables``; ``'footprints'``: ``footprint_variables``), each empty meaning all of
+        ``&grid_nml variables``."""
+        chosen = self.obs.footprint_variables if kind == "footprints" else self.obs.variables
+        return list(chosen) or list(self.grid.variables)
 
-    def error_std_per_variable(self) -> list[float]:
-        names = self.observed_variables()
-        e = self.obs.error_std
-        return list(e) * len(names) if len(e) == 1 else list(e)
+    def error_std_per_variable(self, kind: str | None = None) -> list[float]:
+        """Observation-error std of network ``kind`` indexed by *state* variable.
+
+        Returns a list of length ``nvar`` in ``&grid_nml variables`` order (what
+        :func:`coupler.assim.networks.synthesize` indexes by ``var_index``): the std of each
+        variable observed by ``kind`` (``error_std``, or ``footprint_error_std`` for
+        ``'footprints'``, given per observed variable in the order of
+        :meth:`observed_variables`, one value meaning all), ``nan`` for a variable that kind
+        does not observe.
+        """
+        names = self.observed_variables(kind)
+        e = self.obs.footprint_error_std if kind == "footprints" else self.obs.error_std
+        per_obs = list(e) * len(names) if len(e) == 1 else list(e)
+        lookup = dict(zip(names, per_obs))
+        return [float(lookup.get(v, float("nan"))) for v in self.grid.variables]
 
     def to_namelist(self) -> f90nml.Namelist:
         """The effective namelist: the file's groups with lodas's groups fully expanded."""
@@ -452,14 +478,37 @@ def _check_consistency(cfg: Config) -> None:
         raise NamelistError(f"{p}: &grid_nml variables: expected at least one variable name")
     if len(set(names)) != len(names):
         raise NamelistError(f"{p}: &grid_nml variables = {names}: variable names must be unique")
-    for v in cfg.obs.variables:
-        if v not in names:
-            raise NamelistError(f"{p}: &obs_nml variables: '{v}' is not a grid variable "
-                                f"(&grid_nml variables = {names}){_suggest(v, names)}")
-    n_obs_vars = len(cfg.observed_variables())
-    if len(cfg.obs.error_std) not in (1, n_obs_vars):
-        raise NamelistError(f"{p}: &obs_nml error_std = {cfg.obs.error_std}: expected 1 or {n_obs_vars} "
-                            f"values (one per observed variable {cfg.observed_variables()})")
+    o = cfg.obs
+    for key in ("variables", "footprint_variables"):
+        chosen = getattr(o, key)
+        for v in chosen:
+            if v not in names:
+                raise NamelistError(f"{p}: &obs_nml {key}: '{v}' is not a grid variable "
+                                    f"(&grid_nml variables = {names}){_suggest(v, names)}")
+        if len(set(chosen)) != len(chosen):
+            raise NamelistError(f"{p}: &obs_nml {key} = {chosen}: expected distinct variable names")
+    for key, kind, vkey in (("error_std", None, "variables"), ("footprint_error_std", "footprints",
+                                                               "footprint_variables")):
+        obs_vars = cfg.observed_variables(kind)
+        if len(getattr(o, key)) not in (1, len(obs_vars)):
+            n = "1 value" if len(obs_vars) == 1 else f"1 or {len(obs_vars)} values"
+            raise NamelistError(f"{p}: &obs_nml {key} = {getattr(o, key)}: expected {n} "
+                                f"(one per variable observed by &obs_nml {vkey}: {obs_vars})")
+    kinds = o.network
+    if not kinds:
+        raise NamelistError(f"{p}: &obs_nml network = {kinds}: expected at least one network kind")
+    if len(set(kinds)) != len(kinds):
+        raise NamelistError(f"{p}: &obs_nml network = {kinds}: expected distinct kinds (each kind has one set "
+                            f"of keys; list it once)")
+    g = cfg.grid
+    if "footprints" in kinds:
+        for axis, size in (("nx", g.nx), ("ny", g.ny)):
+            if size > 1 and size % o.footprint:
+                raise NamelistError(f"{p}: &obs_nml footprint = {o.footprint}: expected a divisor of &grid_nml "
+                                    f"{axis} = {size} (footprint boxes tile the grid; network = {kinds})")
+    if "stations" in kinds and o.n_stations > g.nx * g.ny:
+        raise NamelistError(f"{p}: &obs_nml n_stations = {o.n_stations}: expected at most the {g.nx * g.ny} grid "
+                            f"points of &grid_nml (nx = {g.nx}, ny = {g.ny}); stations are distinct grid points")
     nv = len(names)
     if len(cfg.twin.init_error_std) not in (1, nv):
         raise NamelistError(f"{p}: &twin_nml init_error_std = {cfg.twin.init_error_std}: expected 1 or {nv} values")

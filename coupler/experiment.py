@@ -8,7 +8,8 @@ same observations and the same initial background:
 random stream         what it draws
 ====================  ==========================================================================
 ``[seed, 0]``         the climatology (an independent trajectory) from which the static B is estimated
-``[seed, 1]``         the observing network (random station locations)
+``[seed, 1]``         the observing network (random station locations; one generator used by the
+                      kinds of ``&obs_nml network`` in turn, see :mod:`coupler.assim.networks`)
 ``[seed, 2, c]``      the observation errors of cycle ``c``
 ``[seed, 3]``         the initial background (``&twin_nml init_background``)
 ``[seed, 5]``         the truth's initial state: an independent spun-up state, so different seeds
@@ -43,7 +44,8 @@ class Experiment:
         dt: model time per step, in the host's time unit.
         times: ``(n,)`` model time of each analysis.
         truth: ``(n, nvar, ny, nx)`` true state at each analysis time.
-        network: the observing network (as :func:`coupler.assim.networks.make_network`).
+        network: the combined observing network (:class:`coupler.assim.networks.Network`, from
+            :func:`coupler.assim.networks.network_from_config`: every kind of ``&obs_nml network``).
         observations: ``n`` :class:`Observations`, one per cycle.
         x_b0: ``(nvar, ny, nx)`` initial background at model time 0.
         covariance: the climatological background-error covariance (unscaled).
@@ -56,7 +58,7 @@ class Experiment:
     dt: float
     times: np.ndarray
     truth: np.ndarray
-    network: tuple
+    network: object
     observations: list
     x_b0: np.ndarray
     covariance: object
@@ -73,7 +75,7 @@ class Experiment:
 def make_experiment(cfg, *, seed: int | None = None, n_cycles: int | None = None) -> Experiment:
     """Draw the truth, observations, B and initial background of ``cfg`` for ``seed``."""
     from coupler.assim.covariance import SpectralCovariance
-    from coupler.assim.networks import make_network, synthesize
+    from coupler.assim.networks import network_from_config, synthesize_cycle
     from coupler.twin import climatology, independent_state, init_error_std, model_dt, reference_model
 
     seed = cfg.coupler.seed if seed is None else int(seed)
@@ -90,12 +92,8 @@ def make_experiment(cfg, *, seed: int | None = None, n_cycles: int | None = None
     for c in range(n_cycles):
         x = model.step(x, spc)
         truth[c] = x
-    var_idx = [cfg.grid.variables.index(v) for v in cfg.observed_variables()]
-    network = make_network(cfg.obs.network, cfg.state_shape, var_idx, every_k=cfg.obs.every_k,
-                           n_stations=cfg.obs.n_stations, fraction=cfg.obs.fraction,
-                           rng=np.random.default_rng([seed, 1]))
-    obs = [synthesize(truth[c], network, cfg.error_std_per_variable(), np.random.default_rng([seed, 2, c]))
-           for c in range(n_cycles)]
+    network = network_from_config(cfg, seed)                 # streams [seed, 1] and [seed, 2, c]
+    obs = [synthesize_cycle(truth[c], network, seed=seed, cycle=c) for c in range(n_cycles)]
     B = SpectralCovariance.from_climatology(climatology(model, cfg, np.random.default_rng([seed, 0])))
     rng_b = np.random.default_rng([seed, 3])
     if cfg.twin.init_background == "independent":

@@ -110,7 +110,7 @@ def cfg_overrides(cfg) -> list[str]:
 def run_twin(cfg, *, plot: bool = False) -> dict:
     """Run the whole twin experiment; return the summary (also written to ``twin_summary.json``)."""
     from coupler.assim.covariance import SpectralCovariance
-    from coupler.assim.networks import make_network, synthesize
+    from coupler.assim.networks import network_from_config, synthesize_cycle
     from coupler.io.covfiles import write_covariance
     from coupler.io.obsfiles import write_obs_file
     from coupler.io.outputs import Grid, read_trajectory
@@ -141,14 +141,12 @@ def run_twin(cfg, *, plot: bool = False) -> dict:
     times, truth = read_trajectory(truth_file, cfg.grid.variables)
 
     obs_dir = out / "obs"
-    var_idx = [cfg.grid.variables.index(v) for v in cfg.observed_variables()]
-    network = make_network(cfg.obs.network, cfg.state_shape, var_idx, every_k=cfg.obs.every_k,
-                           n_stations=cfg.obs.n_stations, fraction=cfg.obs.fraction,
-                           rng=np.random.default_rng([cfg.coupler.seed, 1]))
+    network = network_from_config(cfg, cfg.coupler.seed)    # streams [seed, 1] and [seed, 2, c]
     for c, (t, x_t) in enumerate(zip(times, truth)):
-        obs = synthesize(x_t, network, cfg.error_std_per_variable(), np.random.default_rng([cfg.coupler.seed, 2, c]))
+        obs = synthesize_cycle(x_t, network, seed=cfg.coupler.seed, cycle=c)
         write_obs_file(obs_dir / cfg.obs.file_template.format(cycle=c), obs, cfg.grid.variables, c, grid.valid_time(t))
-    log.info("observations: %d per cycle, %d cycles, in %s", len(network[0]), len(times), obs_dir)
+    log.info("observations: %d per cycle (%s), %d cycles, in %s", len(network), ", ".join(cfg.obs.network),
+             len(times), obs_dir)
 
     rng_b = np.random.default_rng([cfg.coupler.seed, 3])
     if cfg.twin.init_background == "independent":
@@ -158,7 +156,7 @@ def run_twin(cfg, *, plot: bool = False) -> dict:
     _write_state(out / "init_background.bin", x_b0)
     common = [f"{cfg.twin.model}_nml.init_file='{out / 'init_background.bin'}'", f"coupler_nml.truth_file='{truth_file}'",
               f"obs_nml.obs_dir='{obs_dir}'"]
-    result = {"model": cfg.twin.model, "cycles": len(times), "n_obs_per_cycle": int(len(network[0])),
+    result = {"model": cfg.twin.model, "cycles": len(times), "n_obs_per_cycle": len(network),
               "output_dir": str(out), "nature": nature}
     if cfg.twin.free_run:
         result["free"] = _run(cfg, common + ["assim_nml.method='none'", "coupler_nml.write_increments=.false."],

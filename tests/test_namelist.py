@@ -118,3 +118,76 @@ def test_status_codes_match_the_fortran_module():
     src = (REPO / "fortran_stubs" / "lodas_bridge.f90").read_text()
     for s in Status:
         assert re.search(rf"LODAS_{s.name}\s*=\s*{int(s)}\b", src), s
+
+
+# ------------------------------------------------------------------ &obs_nml: several network kinds
+SW_BASE = """
+&grid_nml
+    nx = 16
+    ny = 8
+    variables = 'u', 'v', 'h'
+/
+"""
+
+
+def test_obs_network_one_kind_or_a_list_and_footprint_defaults(tmp_path):
+    cfg = load(write(tmp_path, SW_BASE))
+    assert cfg.obs.network == ["all"]
+    assert (cfg.obs.footprint, cfg.obs.footprint_variables, cfg.obs.footprint_error_std) == (8, [], [1.0])
+    cfg = load(write(tmp_path, SW_BASE + "&obs_nml\n network = 'stations'\n/\n"))
+    assert cfg.obs.network == ["stations"]
+    text = SW_BASE + ("&obs_nml\n network = 'stations', 'footprints'\n footprint = 4\n"
+                      " footprint_variables = 'h', 'u'\n footprint_error_std = 0.5, 0.1\n/\n")
+    cfg = load(write(tmp_path, text))
+    assert cfg.obs.network == ["stations", "footprints"]
+    assert cfg.observed_variables("footprints") == ["h", "u"] and cfg.observed_variables() == ["u", "v", "h"]
+    again = load(cfg.write(tmp_path / "effective.nml"))
+    assert again.obs == cfg.obs
+    cfg = load(write(tmp_path, SW_BASE), ["obs_nml.network='every_k','footprints'", "obs_nml.footprint=2"])
+    assert cfg.obs.network == ["every_k", "footprints"] and cfg.obs.footprint == 2
+
+
+def test_error_std_per_variable_is_indexed_by_state_variable(tmp_path):
+    """One value per *state* variable (what synthesize indexes by var_index), nan where not observed."""
+    import math
+
+    text = SW_BASE + ("&obs_nml\n network = 'stations', 'footprints'\n variables = 'h', 'u'\n error_std = 2.0, 0.5\n"
+                      " footprint_variables = 'v'\n footprint_error_std = 0.3\n/\n")
+    cfg = load(write(tmp_path, text))
+    e = cfg.error_std_per_variable()
+    assert e[0] == 0.5 and math.isnan(e[1]) and e[2] == 2.0               # u, v, h
+    assert str(cfg.error_std_per_variable("stations")) == str(e)           # nan != nan
+    f = cfg.error_std_per_variable("footprints")
+    assert math.isnan(f[0]) and f[1] == 0.3 and math.isnan(f[2])
+    cfg = load(write(tmp_path, SW_BASE + "&obs_nml\n variables = 'v'\n error_std = 0.7\n/\n"))
+    e = cfg.error_std_per_variable()
+    assert len(e) == 3 and e[1] == 0.7 and math.isnan(e[0]) and math.isnan(e[2])
+    cfg = load(write(tmp_path, SW_BASE + "&obs_nml\n error_std = 0.1, 0.2, 0.3\n/\n"))
+    assert cfg.error_std_per_variable() == [0.1, 0.2, 0.3]
+    assert cfg.error_std_per_variable("footprints") == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("obs, expected", [
+    ("network = 'stations', 'satelite'", r"&obs_nml network = 'satelite': expected one of .*'footprints'"),
+    ("network = 'stations', 'stations'", r"&obs_nml network = \['stations', 'stations'\]: expected distinct kinds"),
+    ("network = 'footprints'\n footprint = 3", r"&obs_nml footprint = 3: expected a divisor of &grid_nml nx = 16"),
+    ("network = 'footprints'\n footprint = 16", r"&obs_nml footprint = 16: expected a divisor of &grid_nml ny = 8"),
+    ("footprint = 0", r"&obs_nml footprint = 0: expected a value >= 1"),
+    ("footprint_variables = 'q'", r"&obs_nml footprint_variables: 'q' is not a grid variable"),
+    ("footprint_variables = 'u', 'u'", r"&obs_nml footprint_variables = \['u', 'u'\]: expected distinct"),
+    ("footprint_variables = 'u', 'h'\n footprint_error_std = 1.0, 2.0, 3.0",
+     r"&obs_nml footprint_error_std = \[1.0, 2.0, 3.0\]: expected 1 or 2 values .*\['u', 'h'\]"),
+    ("footprint_error_std = 0.0", r"&obs_nml footprint_error_std = 0.0: expected a value > 0"),
+    ("variables = 'h'\n error_std = 1.0, 2.0", r"&obs_nml error_std = \[1.0, 2.0\]: expected 1 value \(one per variable observed by &obs_nml variables: \['h'\]\)"),
+    ("network = 'stations'\n n_stations = 129", r"&obs_nml n_stations = 129: expected at most the 128 grid points"),
+])
+def test_obs_consistency_errors(tmp_path, obs, expected):
+    path = write(tmp_path, SW_BASE + f"&obs_nml\n {obs}\n/\n")
+    with pytest.raises(NamelistError, match=expected) as info:
+        load(path)
+    assert str(path) in str(info.value)
+
+
+def test_unused_footprint_keys_are_not_checked_against_the_grid(tmp_path):
+    cfg = load(write(tmp_path, SW_BASE + "&obs_nml\n network = 'stations'\n footprint = 3\n/\n"))
+    assert cfg.obs.footprint == 3

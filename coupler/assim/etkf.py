@@ -180,7 +180,7 @@ def run_etkf(model_step: Callable[[np.ndarray, int], np.ndarray], x0_members: np
     for c in range(n_cycles):
         E = np.asarray(model_step(E, steps_per_cycle))
         obs = obs_per_cycle[c]
-        k = (obs.var_index.tobytes(), obs.x.tobytes(), obs.y.tobytes())
+        k = (obs.var_index.tobytes(), obs.x.tobytes(), obs.y.tobytes(), obs.footprint.tobytes())
         if k != key:                                # fixed networks: build H once
             H_cache, key = observation_operator(obs, shape), k
         Ef = E.reshape(N, -1)

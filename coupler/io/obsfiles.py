@@ -11,6 +11,7 @@ Layout (``ncdump -h``)::
                                    var_index:flag_meanings = "u v h" ;
         double x(obs) ;            x:units = "grid_index" ;
         double y(obs) ;            y:units = "grid_index" ;
+        double footprint(obs) ;    footprint:units = "grid_points" ;   (optional)
     // global attributes:
         :Conventions = "CF-1.8" ;
         :variable_names = "u v h" ;       (space-separated; var_index indexes this list)
@@ -22,6 +23,11 @@ Layout (``ncdump -h``)::
 ``[0, ny)``). The reader maps ``var_index`` through the file's ``variable_names`` onto the
 run's variable list, so a file that observes a subset of the variables (or lists them in a
 different order) is read correctly, and a file for another model is refused.
+
+``footprint`` (see :attr:`coupler.assim.base.Observations.footprint`): 0 for a point
+observation (bilinear at ``(x, y)``), an integer ``w >= 1`` for the average over the
+``w x w`` grid-point box centred at ``(x, y)`` (a ``w``-point segment when ``ny == 1``). It is
+always written; a file without it (older files) reads as all points (zeros).
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ from coupler.io.atomic import atomic_path
 __all__ = ["write_obs_file", "read_obs_file", "read_obs_attributes"]
 
 _FIELDS = ("value", "error_std", "var_index", "x", "y")
+_OPTIONAL = ("footprint",)        # absent in older files: all zeros (point observations)
 
 
 def _names(var_names: Sequence[str] | str, what: str = "var_names") -> list[str]:
@@ -83,8 +90,8 @@ def write_obs_file(path: str | os.PathLike, obs: Observations, var_names: Sequen
         raise ValueError(f"cycle: must be an int >= 0, got {cycle!r}")
     vt = _iso(valid_time)
     p = len(obs)
-    arrays = {f: np.asarray(getattr(obs, f)) for f in _FIELDS}
-    for f in ("value", "error_std", "x", "y"):
+    arrays = {f: np.asarray(getattr(obs, f)) for f in _FIELDS + _OPTIONAL}
+    for f in ("value", "error_std", "x", "y", "footprint"):
         if not np.all(np.isfinite(arrays[f])):
             raise ValueError(f"obs.{f}: contains non-finite values; refusing to write {path}")
     vi = arrays["var_index"]
@@ -114,6 +121,12 @@ def write_obs_file(path: str | os.PathLike, obs: Observations, var_names: Sequen
                 v.units = "grid_index"
                 v.axis = axis
                 v[:] = arrays[c].astype(np.float64)
+            v = ds.createVariable("footprint", "f8", ("obs",))
+            v.long_name = "footprint side: 0 point observation, w >= 1 average over w x w grid points centred at (x, y)"
+            v.units = "grid_points"
+            v.comment = ("box i = x-(w-1)/2 .. x+(w-1)/2 (periodic), same in y; a w-point segment in x when ny = 1; "
+                         "weights 1/w^2 (1/w for a segment)")
+            v[:] = arrays["footprint"].astype(np.float64)
             ds.Conventions = "CF-1.8"
             ds.title = "lodas observations of one analysis cycle"
             ds.variable_names = " ".join(names)
@@ -188,7 +201,7 @@ def read_obs_file(path: str | os.PathLike, var_names: Sequence[str], *,
         valid_time = (_iso(str(ds.getncattr("valid_time")), f"{path}: valid_time")
                       if "valid_time" in ds.ncattrs() else None)
         data = {}
-        for f in _FIELDS:
+        for f in _FIELDS + tuple(f for f in _OPTIONAL if f in ds.variables):
             var = ds.variables[f]
             if var.dimensions != ("obs",):
                 raise ValueError(f"{path}: variable '{f}' has dimensions {var.dimensions}, "
@@ -215,7 +228,11 @@ def read_obs_file(path: str | os.PathLike, var_names: Sequence[str], *,
     if bad.size:
         raise ValueError(f"{path}: {bad.size} var_index value(s) outside [0, {len(file_names)}) "
                          f"(variable_names {file_names}), first at obs {bad[0]}: {vi[bad[0]]}")
-    for f in ("value", "error_std", "x", "y"):
+    footprint = data.get("footprint")
+    if footprint is None:
+        footprint = np.zeros(len(data["value"]))
+    data["footprint"] = footprint
+    for f in ("value", "error_std", "x", "y", "footprint"):
         bad = np.flatnonzero(~np.isfinite(data[f]))
         if bad.size:
             raise ValueError(f"{path}: variable '{f}' has {bad.size} non-finite value(s), "
@@ -224,6 +241,10 @@ def read_obs_file(path: str | os.PathLike, var_names: Sequence[str], *,
     if bad.size:
         raise ValueError(f"{path}: variable 'error_std' has {bad.size} value(s) <= 0, "
                          f"first at obs {bad[0]}: {data['error_std'][bad[0]]!r}")
+    bad = np.flatnonzero((data["footprint"] < 0) | (data["footprint"] != np.round(data["footprint"])))
+    if bad.size:
+        raise ValueError(f"{path}: variable 'footprint' has {bad.size} value(s) that are not an integer >= 0 "
+                         f"(0: point, w >= 1: w x w box), first at obs {bad[0]}: {float(data['footprint'][bad[0]])!r}")
     if shape is not None:
         _, ny, nx = shape
         for c, m in (("x", nx), ("y", ny)):
@@ -237,5 +258,13 @@ def read_obs_file(path: str | os.PathLike, var_names: Sequence[str], *,
                        error_std=data["error_std"].astype(np.float64),
                        var_index=to_run[vi],
                        x=data["x"].astype(np.float64),
-                       y=data["y"].astype(np.float64))
+                       y=data["y"].astype(np.float64),
+                       footprint=data["footprint"].astype(np.float64))
+    if shape is not None and np.any(obs.footprint > 0):
+        from coupler.assim.obs_operator import observation_operator
+
+        try:                                   # footprint alignment and size against the grid
+            observation_operator(obs, shape)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     return (obs, valid_time) if with_valid_time else obs
