@@ -113,3 +113,25 @@ class AssimilationMethod(Protocol):
 
     def analyse(self, background: np.ndarray, observations: Observations, *, cycle: int) -> Analysis:
         ...
+
+
+class EnsembleMethod(AssimilationMethod, Protocol):
+    """An analysis whose members can be computed anywhere (:mod:`coupler.ensemble` splits them
+    over the driver ranks).
+
+    ``sample_batches`` returns the analysis increments of the members in ``batches``
+    (``(M, nvar, ny, nx)``, in the order of the batches), each member's randomness drawn from
+    ``(seed, cycle, member)`` only; ``reduce`` turns all ``n_members`` increments, in member
+    order, into the :class:`Analysis` (mean increment, spread, diagnostics). ``analyse`` is
+    their serial composition.
+    """
+
+    n_members: int
+    member_batch: int
+
+    def sample_batches(self, background: np.ndarray, observations: Observations, *, cycle: int,
+                       batches) -> np.ndarray:
+        ...
+
+    def reduce(self, background: np.ndarray, increments: np.ndarray, observations: Observations) -> Analysis:
+        ...

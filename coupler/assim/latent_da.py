@@ -4,13 +4,20 @@ One analysis of a background ``x_b`` (``(nvar, ny, nx)``, physical units) with o
 ``y`` (``p``, error std ``sigma_o``) and the linear observation operator ``H``
 (:mod:`coupler.assim.obs_torch`, the same sparse ``H`` as 3D-Var's):
 
-1. encode the background: ``z_b = E(x_b)`` (the VAE's mean, scaled to unit variance);
-2. for each member ``m``: run the reverse diffusion of the prior ``p(z | z_b)`` learnt by the
-   checkpoint's noise-prediction network, from ``z_1 ~ N(0, I)`` to ``z_0``, with the noise of
-   member ``m`` drawn from its own stream ``(seed, cycle, m)``, guided towards ``y`` through
-   the decoder by the misfit of the analysis that ``z`` stands for (step 3),
+1. encode the background: ``z_b = E(x_b)`` (the VAE's mean, scaled to unit variance over the
+   climate);
+2. the prior is over the *normalized latent increment* ``d = (z_a - z_b) / s``, where ``s`` is
+   the RMS latent increment of the training pairs (checkpoint ``latent_increment_std``): the
+   analysis latent lies within a background error of ``z_b``, a small fraction of the climate's
+   spread, so diffusing ``z_a`` itself would spend the noise schedule on scales the analysis
+   never visits, while ``d`` has unit variance as the VP schedule assumes. For each member
+   ``m``: run the reverse diffusion of ``p(d | z_b)`` learnt by the checkpoint's
+   noise-prediction network, from ``d_1 ~ N(0, I)`` to ``d_0``, with the noise of member ``m``
+   drawn from its own stream ``(seed, cycle, m)``, guided towards ``y`` through the decoder by
+   the misfit of the analysis that ``d`` stands for (step 3),
 
-       J_o(z) = 1/2 sum_k (y_k - (H x_a(z))_k)^2 / sigma_o,k^2,   x_a(z) = x_b + D(z) - D(z_b),
+       J_o(d) = 1/2 sum_k (y_k - (H x_a(d))_k)^2 / sigma_o,k^2,
+       x_a(d) = x_b + D(z_b + s d) - D(z_b),
 
    with the ``&assim_nml method``'s guidance: ``lo-sda`` (latent optimization of the Tweedie
    estimate at each step), ``dps`` (diffusion posterior sampling) or ``sda`` (Gaussian
@@ -18,7 +25,7 @@ One analysis of a background ``x_b`` (``(nvar, ny, nx)``, physical units) with o
 3. decode the members and form the analysis ensemble. The increment of member ``m`` is taken
    relative to the *decoded* background,
 
-       dx_m = D(z_0^m) - D(z_b),     x_a^m = x_b + dx_m,
+       dx_m = D(z_b + s d_0^m) - D(z_b),     x_a^m = x_b + dx_m,
 
    so the VAE's reconstruction error of the background (``D(E(x_b)) - x_b``, which the
    observations know nothing about) cancels instead of entering the analysis: where the
@@ -64,7 +71,8 @@ class LatentDiffusionAssimilation:
     Args:
         vae: the checkpoint's autoencoder, with ``to_latent(x)`` and ``from_latent(z)``
             (physical states ``(B, nvar, ny, nx)`` <-> unit-scale latents ``(B, *L)``).
-        eps_net: the prior's noise-prediction network ``eps(z_t, t, z_b)``.
+        eps_net: the prior's noise-prediction network ``eps(d_t, t, z_b)``.
+        increment_std: ``s``, the RMS latent increment of the training pairs.
         schedule: the noise schedule the prior was trained with.
         guidance: a guidance object of :mod:`coupler.assim.diffusion` (``None``: prior samples).
         name: the method's name (``lo-sda``, ``dps``, ``sda``).
@@ -75,11 +83,15 @@ class LatentDiffusionAssimilation:
             of the networks on the device; the misfit and the optimizer stay in float32).
     """
 
-    def __init__(self, vae, eps_net, schedule, guidance, *, name: str, n_members: int, member_batch: int,
-                 n_steps: int, stochastic: bool, seed: int, device: str = "cpu", precision: str = "float32"):
+    def __init__(self, vae, eps_net, schedule, guidance, *, increment_std: float, name: str, n_members: int,
+                 member_batch: int, n_steps: int, stochastic: bool, seed: int, device: str = "cpu",
+                 precision: str = "float32"):
         if n_members < 2:
             raise ValueError(f"n_members = {n_members}: an ensemble needs at least 2 members")
         self.vae, self.eps_net, self.schedule, self.guidance = vae, eps_net, schedule, guidance
+        if not increment_std > 0:
+            raise ValueError(f"increment_std = {increment_std}: the latent increment scale must be > 0")
+        self.increment_std = float(increment_std)
         self.name, self.n_members, self.member_batch = name, int(n_members), int(member_batch)
         self.n_steps, self.stochastic, self.seed = int(n_steps), bool(stochastic), int(seed)
         self.device, self.precision = torch.device(device), precision
@@ -96,7 +108,11 @@ class LatentDiffusionAssimilation:
         ck = load_checkpoint(checkpoint, shape=cfg.state_shape, variables=list(cfg.grid.variables),
                              where=f"{cfg.path}: &assim_nml checkpoint = '{checkpoint}'", device=device)
         schedule = CosineSchedule(eta=float(ck.meta.get("schedule_eta", 1e-3)))
+        if "latent_increment_std" not in ck.meta:
+            raise ValueError(f"{checkpoint}: the checkpoint has no latent_increment_std (written by `lodas train` "
+                             f"of this version); retrain it")
         return cls(ck.vae, ck.eps_net, schedule, _guidance(a.method, a), name=a.method, n_members=a.n_members,
+                   increment_std=float(ck.meta["latent_increment_std"]),
                    member_batch=a.member_batch, n_steps=a.n_steps, stochastic=a.stochastic, seed=cfg.coupler.seed,
                    device=device, precision=a.precision)
 
@@ -108,7 +124,7 @@ class LatentDiffusionAssimilation:
 
     def sample_batches(self, background: np.ndarray, observations: Observations, *, cycle: int,
                        batches: Sequence[Sequence[int]]) -> np.ndarray:
-        """Analysis increments ``dx_m = D(z_0^m) - D(z_b)`` of the members in ``batches``.
+        """Analysis increments ``dx_m = D(z_b + s d_0^m) - D(z_b)`` of the members in ``batches``.
 
         Returns:
             ``(M, nvar, ny, nx)`` float64, members in the order of ``batches`` (concatenated).
@@ -128,9 +144,11 @@ class LatentDiffusionAssimilation:
             x_bb = self.vae.from_latent(z_b).float()              # D(E(x_b))
         r = x_b - x_bb                                             # the VAE's reconstruction error of x_b
 
-        def forward(z):                                            # H x_a(z), x_a(z) = x_b + D(z) - D(z_b)
+        s = self.increment_std
+
+        def forward(d):                                            # H x_a(d), x_a(d) = x_b + D(z_b + s d) - D(z_b)
             with self._autocast():
-                x = self.vae.from_latent(z)
+                x = self.vae.from_latent(z_b + s * d)
             return H(x.float() + r)
 
         from coupler.assim.diffusion import gaussian_misfit
@@ -146,10 +164,10 @@ class LatentDiffusionAssimilation:
         for batch in batches:
             gens = member_generators(self.seed, cycle, list(batch), device=dev)
             cond = z_b.expand(len(batch), *z_b.shape[1:]).contiguous()
-            z0 = sample(eps_model, cond, gens, self.schedule, self.n_steps, guidance=guidance, misfit=misfit,
+            d0 = sample(eps_model, cond, gens, self.schedule, self.n_steps, guidance=guidance, misfit=misfit,
                         stochastic=self.stochastic)
             with torch.no_grad(), self._autocast():
-                dx = self.vae.from_latent(z0.detach()).float() - x_bb
+                dx = self.vae.from_latent(cond + s * d0.detach()).float() - x_bb
             out.append(dx.double().cpu().numpy())
         return np.concatenate(out, axis=0)
 
