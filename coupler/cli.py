@@ -114,8 +114,17 @@ def rank_layout(cfg) -> list[str]:
     for r in range(c.host_ranks):
         lines.append(f"  host rank {r}: {along} = {r * per + 1}..{(r + 1) * per} of {n}, all variables {g.variables}")
     lines.append(f"driver: {c.driver_ranks} rank(s), python -m coupler run")
-    for r, dev in enumerate(describe_devices(cfg.assim.device, c.driver_ranks)):
-        lines.append(f"  driver rank {r}: device {dev}{' (root: gathers, analyses, scatters)' if r == 0 else ''}")
+    from coupler.ensemble import rank_batches
+    from coupler.methods import ENSEMBLE_METHODS
+
+    a = cfg.assim
+    for r, dev in enumerate(describe_devices(a.device, c.driver_ranks)):
+        what = " (root: gathers, analyses, scatters)" if r == 0 else ""
+        if a.method in ENSEMBLE_METHODS:
+            members = [f"{b[0]}-{b[-1]}" for b in rank_batches(a.n_members, a.member_batch, r, c.driver_ranks)]
+            what = (" (root: gathers, reduces, scatters)" if r == 0 else "") + \
+                f"; {a.method} members {', '.join(members) or 'none (more ranks than member batches)'}"
+        lines.append(f"  driver rank {r}: device {dev}{what}")
     return lines
 
 
