@@ -26,7 +26,7 @@
 !> spin_s gives the latency of a blocking wait.
 module lodas_bridge
    use, intrinsic :: iso_c_binding, only: c_int
-   use, intrinsic :: iso_fortran_env, only: error_unit
+   use, intrinsic :: iso_fortran_env, only: error_unit, output_unit
    use mpi
    implicit none
    private
@@ -317,10 +317,22 @@ contains
                         reshape([integer ::], [0, 0]), status, msg)
       else if (ctx%connected) then
          write (error_unit, '(2a)') 'lodas: host gives up: ', trim(errmsg)
-         flush (error_unit)
-         call MPI_Abort(ctx%world_comm, LODAS_CONFIG_ERROR, ierr)
+         call abort_job(ctx, LODAS_CONFIG_ERROR)
       end if
    end subroutine lodas_fail
+
+   !> Abort the whole job after the message just written to error_unit has had time to reach
+   !> mpiexec's output forwarding (MPI_Abort kills every process at once; on a busy node a
+   !> message still in flight is lost and the user is left with no reason).
+   subroutine abort_job(ctx, code)
+      type(lodas_ctx), intent(in) :: ctx
+      integer, intent(in) :: code
+      integer :: ierr, rc
+      flush (error_unit)
+      flush (output_unit)
+      rc = c_usleep(500000_c_int)
+      call MPI_Abort(ctx%world_comm, code, ierr)
+   end subroutine abort_job
 
    !> Weight of the increment added after model step `k` (1-based) of the IAU window:
    !> 1/iau_steps for k <= iau_steps with increment_mode = 'iau', 0 otherwise.
@@ -381,8 +393,7 @@ contains
             write (msg, '(3a,g0.4,a)') 'lodas: ', what, ': no answer from the driver within deadline_s = ', &
                ctx%deadline_s, ' s (&bridge_nml); aborting the job (MPI cannot cancel the exchange)'
             write (error_unit, '(a)') trim(msg)
-            flush (error_unit)
-            call MPI_Abort(ctx%world_comm, LODAS_TIMEOUT, ierr)
+            call abort_job(ctx, LODAS_TIMEOUT)
          end if
          ! Spin for a quick answer, then yield the core to the driver (oversubscribed nodes).
          if (waited > ctx%spin_s) rc = c_usleep(200_c_int)
