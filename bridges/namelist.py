@@ -21,6 +21,7 @@ Groups (``lodas check FILE.nml`` prints every key with its value):
 - ``&twin_nml``     twin-experiment workflow (nature run, perturbed start, climatology).
 - ``&l96_nml``, ``&sw_nml``  the testbed host models' own groups (read by the Fortran hosts;
   known here so twin experiments can run the numpy reference models).
+- ``&train_nml``    training of the LO-SDA networks (``lodas train``; optional).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ import f90nml
 
 __all__ = [
     "NamelistError", "Config", "load", "parse_override", "GROUPS",
-    "CouplerNml", "GridNml", "BridgeNml", "AssimNml", "ObsNml", "TwinNml", "L96Nml", "SwNml",
+    "CouplerNml", "GridNml", "BridgeNml", "AssimNml", "ObsNml", "TwinNml", "L96Nml", "SwNml", "TrainNml",
 ]
 
 
@@ -114,8 +115,8 @@ class AssimNml:
     cg_max_iter: int = _key(1000, doc="maximum conjugate-gradient iterations", ge=1)
     checkpoint: str = _key("", doc="diffusion methods: trained VAE + prior checkpoint (from `lodas train`); "
                            "empty: the shipped checkpoint of &twin_nml model")
-    n_members: int = _key(16, doc="ensemble members (diffusion methods: samples, split over the driver ranks; "
-                          "etkf in `lodas bench`)", ge=2)
+    n_members: int = _key(16, doc="diffusion methods: ensemble members (samples, split over the driver ranks)",
+                          ge=2)
     member_batch: int = _key(8, doc="diffusion methods: members sampled together in one batch; ranks get whole "
                              "batches, so results do not depend on the number of driver ranks", ge=1)
     n_steps: int = _key(10, doc="diffusion methods: reverse-diffusion sampling steps", ge=1)
@@ -129,8 +130,9 @@ class AssimNml:
     sda_gamma: float = _key(1e-2, doc="sda: variance factor of the Gaussian likelihood approximation", ge=0)
     precision: str = _key("float32", doc="diffusion networks: float32, or bf16 autocast (GPU)",
                           choices=("float32", "bf16"))
-    inflation: float = _key(1.0, doc="etkf (lodas bench only): multiplicative inflation of the forecast "
-                            "anomalies (1: none)", gt=0)
+    etkf_members: int = _key(40, doc="etkf (lodas bench and lodas train only): ensemble members", ge=2)
+    inflation: float = _key(1.0, doc="etkf (lodas bench and lodas train only): multiplicative inflation of the "
+                            "forecast anomalies (1: none)", gt=0)
     device: str = _key("auto", doc="device of each driver rank: auto (GPU if present), cpu, cuda",
                        choices=("auto", "cpu", "cuda"))
 
@@ -218,10 +220,63 @@ class SwNml:
     final_file: str = _key("", doc="final state written here, raw float64; empty: not written")
 
 
+@dataclass
+class TrainNml:
+    """``&train_nml``: training of the LO-SDA networks (``lodas train FILE.nml``; :mod:`coupler.train`).
+
+    The (truth, background) pairs come from *cycled* assimilation runs of the twin set-up of
+    the other groups on the training seed; the VAE is trained on their states, then frozen,
+    then the conditional diffusion prior on their latents. Defaults suit Lorenz-96.
+    """
+
+    checkpoint: str = _key(doc="output checkpoint file (e.g. coupler/checkpoints/l96.pt); the resumable training "
+                           "state goes next to it (<checkpoint>.state.pt, <checkpoint>.pairs.pt)", required=True)
+    seed: int = _key(101, doc="training seed (truth trajectory, observations and initial states of the cycled runs, "
+                     "network initialisation, batches); must differ from the evaluation seeds (&coupler_nml seed, "
+                     "e.g. 1 for lodas bench, 11 used for tuning) so the networks never see the evaluation truth",
+                     ge=0)
+    n_cycles: int = _key(10000, doc="cycles of (truth, background) pairs kept per background source", ge=2)
+    spinup_cycles: int = _key(100, doc="first cycles of each cycled run left out (filter spin-up)", ge=0)
+    background_sources: list[str] = _key(["3dvar"], doc="cycled runs that make the backgrounds: 3dvar (&assim_nml "
+                                         "b_scale) and/or etkf (&assim_nml etkf_members, inflation; sharper backgrounds)",
+                                         choices=("3dvar", "etkf"))
+    val_fraction: float = _key(0.1, doc="last fraction of the cycles of every source held out for validation",
+                               gt=0, lt=1)
+    augment: bool = _key(True, doc="random periodic shifts of each (truth, background) pair: any x-shift; y-shifts "
+                         "by multiples of ny/forcing_wavenumber for the shallow-water testbed")
+    vae_epochs: int = _key(6, doc="VAE epochs (one epoch: every training state once)", ge=1)
+    prior_epochs: int = _key(20, doc="diffusion-prior epochs (one epoch: every training pair once)", ge=1)
+    batch_size: int = _key(128, doc="states (VAE) or pairs (prior) per optimiser step", ge=1)
+    lr: float = _key(2e-3, doc="peak Adam learning rate (both phases)", gt=0)
+    lr_schedule: str = _key("cosine", doc="learning-rate decay over each phase, after a short linear warm-up: cosine "
+                            "(to 0), step (x0.1 at 60 % and 85 %) or constant", choices=("cosine", "step", "constant"))
+    latent_channels: int = _key(8, doc="VAE latent channels", ge=1)
+    width: int = _key(32, doc="VAE channels at full resolution", ge=1)
+    levels: int = _key(2, doc="VAE stride-2 downsamplings (latent: nx/2^levels points per row)", ge=0)
+    channel_mult: list[int] = _key([1], doc="VAE channels at level l: width * channel_mult(l) (last value repeated)",
+                                   ge=1)
+    blocks: int = _key(1, doc="VAE residual blocks per resolution level", ge=0)
+    kl_weight: float = _key(1e-3, doc="VAE KL weight, relative (mean KL per latent element vs mean squared "
+                            "normalised reconstruction error per state element)", ge=0)
+    prior_width: int = _key(64, doc="channels of the diffusion prior's eps network", ge=1)
+    prior_blocks: int = _key(4, doc="residual blocks of the eps network", ge=1)
+    schedule_eta: float = _key(1e-3, doc="noise-schedule floor eta of the cosine schedule", gt=0, lt=1)
+    ema_decay: float = _key(0.999, doc="exponential moving average of the prior's weights (0: none); the EMA "
+                            "weights are validated and saved", ge=0, lt=1)
+    eval_pairs: int = _key(128, doc="validation pairs on which the final prior is sampled (8 members, &assim_nml "
+                           "n_steps) to report the prior ensemble-mean RMSE against the background's (0: skip)", ge=0)
+    threads: int = _key(1, doc="torch CPU threads (results are deterministic for a given seed and thread count)",
+                        ge=1)
+    device: str = _key("cpu", doc="training device: cpu, cuda, or auto (cuda if present)",
+                       choices=("cpu", "cuda", "auto"))
+    keep_state: bool = _key(False, doc="keep the training state and pairs files after a completed run (to extend it "
+                            "later with --resume)")
+
+
 #: lodas's groups, in the order they are printed and written.
 GROUPS: dict[str, type] = {
     "coupler_nml": CouplerNml, "grid_nml": GridNml, "bridge_nml": BridgeNml, "assim_nml": AssimNml,
-    "obs_nml": ObsNml, "twin_nml": TwinNml, "l96_nml": L96Nml, "sw_nml": SwNml,
+    "obs_nml": ObsNml, "twin_nml": TwinNml, "l96_nml": L96Nml, "sw_nml": SwNml, "train_nml": TrainNml,
 }
 #: Groups that must be present in every lodas namelist.
 REQUIRED_GROUPS = ("grid_nml",)
@@ -246,6 +301,7 @@ class Config:
     raw: f90nml.Namelist = field(repr=False)
     overridden_groups: tuple[str, ...] = ()
     overrides: tuple[str, ...] = ()
+    train: TrainNml | None = None
 
     @property
     def n_state(self) -> int:
@@ -307,8 +363,8 @@ class Config:
 
 
 _ATTR = {"coupler_nml": "coupler", "grid_nml": "grid", "bridge_nml": "bridge", "assim_nml": "assim",
-         "obs_nml": "obs", "twin_nml": "twin", "l96_nml": "l96", "sw_nml": "sw"}
-_OPTIONAL_GROUPS = ("l96_nml", "sw_nml")
+         "obs_nml": "obs", "twin_nml": "twin", "l96_nml": "l96", "sw_nml": "sw", "train_nml": "train"}
+_OPTIONAL_GROUPS = ("l96_nml", "sw_nml", "train_nml")
 
 
 def _namelist_text(nml: f90nml.Namelist) -> str:

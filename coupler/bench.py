@@ -12,7 +12,7 @@ observed every 0.05, R = I): 3D-Var 0.41, ETKF 0.18, climatology 3.6.
 Method ``etkf`` (bench only, :mod:`coupler.assim.etkf`): the ETKF needs an ensemble of
 forecasts, which the in-line host cannot give, so the harness integrates the ensemble itself
 (:func:`~coupler.assim.etkf.run_etkf`, same truth and observations, the same summary keys
-plus ``spread``). Its ``&assim_nml n_members`` initial members are the initial background of
+plus ``spread``). Its ``&assim_nml etkf_members`` initial members are the initial background of
 the other methods plus re-centred white noise of ``&twin_nml init_error_std`` (so their mean
 is that background), drawn from ``default_rng([seed, 4])``; the filter is deterministic after
 that. ``&assim_nml inflation`` inflates the forecast anomalies.
@@ -27,18 +27,18 @@ BENCH_ONLY = ("etkf",)
 
 
 def _bench_etkf(exp) -> dict:
-    """The ETKF row: ``n_members`` members around ``x_b0`` (seed ``[seed, 4]``), cycled in-process."""
+    """The ETKF row: ``etkf_members`` members around ``x_b0`` (seed ``[seed, 4]``), cycled in-process."""
     from coupler.assim.etkf import initial_ensemble, run_etkf
     from coupler.twin import init_error_std
 
     cfg, a = exp.cfg, exp.cfg.assim
-    members = initial_ensemble(exp.x_b0, a.n_members, init_error_std(cfg)[:, 0, 0],
+    members = initial_ensemble(exp.x_b0, a.etkf_members, init_error_std(cfg)[:, 0, 0],
                                np.random.default_rng([exp.seed, 4]))
     s = run_etkf(exp.model.step, members, exp.observations, exp.truth, exp.steps_per_cycle, a.inflation,
                  spinup_cycles=cfg.twin.spinup_cycles, model_times=exp.times)
     return {"analysis_rmse": s["analysis_rmse"], "background_rmse": s["background_rmse"],
             "wall_s_per_cycle": s["wall_s_per_cycle"], "status_counts": s["status_counts"],
-            "spread": s["spread"], "n_members": a.n_members, "inflation": a.inflation}
+            "spread": s["spread"], "n_members": a.etkf_members, "inflation": a.inflation}
 
 
 def bench(cfg, methods: list[str], *, n_cycles: int | None = None, seed: int | None = None,

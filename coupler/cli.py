@@ -5,6 +5,7 @@
     lodas launch FILE.nml            compose, print and run the MPMD mpiexec line
     lodas twin   FILE.nml            twin experiment: nature run, observations, free and assimilation runs
     lodas bench  l96|sw              skill harness: every method on the same truth and observations
+    lodas train  FILE.nml            train the LO-SDA networks (VAE + diffusion prior) of &train_nml
 
 Every command takes ``--set group.key=value`` (repeatable; applied on top of the file) and
 ``--json`` (the last line printed is one JSON object of summary figures). Bad input ends
@@ -69,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="experiment seed (default: &coupler_nml seed)")
     p.add_argument("--namelist", default=None, help="default: namelists/<testbed>_bench.nml")
     _common(p)
+    p = sub.add_parser("train", help="train the LO-SDA networks (VAE + conditional diffusion prior) of &train_nml")
+    p.add_argument("namelist")
+    p.add_argument("--resume", action="store_true", help="continue from <checkpoint>.state.pt if it exists")
+    p.add_argument("--max-epochs", type=int, default=None, metavar="N",
+                   help="stop (resumably) after N epochs in this run, VAE and prior together")
+    _common(p)
     return ap
 
 
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="lodas %(levelname)s: %(message)s", stream=sys.stderr)
     try:
         return {"check": cmd_check, "run": cmd_run, "launch": cmd_launch, "twin": cmd_twin,
-                "bench": cmd_bench}[args.command](args)
+                "bench": cmd_bench, "train": cmd_train}[args.command](args)
     except (NamelistError, UsageError, ValueError, FileNotFoundError) as exc:
         print(f"lodas: error: {exc}", file=sys.stderr)
         return 2
@@ -129,14 +136,27 @@ def rank_layout(cfg) -> list[str]:
 
 
 def cmd_check(args) -> int:
+    from coupler.methods import ENSEMBLE_METHODS, checkpoint_path
     from bridges.namelist import _namelist_text
 
     cfg = load(args.namelist, _rank_overrides(args))
+    ckpt_line = None
+    if cfg.assim.method in ENSEMBLE_METHODS:     # the checkpoint must exist and fit the grid
+        from coupler.io.checkpoints import load_checkpoint
+
+        path = checkpoint_path(cfg)
+        ck = load_checkpoint(path, shape=cfg.state_shape, variables=list(cfg.grid.variables),
+                             where=f"{cfg.path}: &assim_nml checkpoint")
+        ckpt_line = (f"# checkpoint {path}: latent {tuple(ck.meta['latent_shape'])}, trained on "
+                     f"{ck.meta.get('testbed', '?')} seed {ck.meta.get('train_seed', '?')}, "
+                     f"lodas {ck.meta.get('lodas_version', '?')}")
     print(f"# {cfg.path}: valid. Effective configuration:")
     print(_namelist_text(cfg.to_namelist()).rstrip())
     print("# rank layout")
     for line in rank_layout(cfg):
         print(line)
+    if ckpt_line:
+        print(ckpt_line)
     _emit({"valid": True, "namelist": str(cfg.path), "host_ranks": cfg.coupler.host_ranks,
            "driver_ranks": cfg.coupler.driver_ranks, "method": cfg.assim.method,
            "output_dir": cfg.coupler.output_dir}, args.json)
@@ -316,6 +336,18 @@ def cmd_bench(args) -> int:
     summary = bench(cfg, [m.strip() for m in args.methods.split(",") if m.strip()], n_cycles=args.cycles,
                     seed=args.seed)
     _emit(summary, args.json)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from coupler.train import format_summary, train
+
+    cfg = load(args.namelist, args.overrides)
+    if args.max_epochs is not None and args.max_epochs < 1:
+        raise UsageError(f"--max-epochs {args.max_epochs}: expected an integer >= 1")
+    summary = train(cfg, resume=args.resume, max_epochs=args.max_epochs)
+    print(format_summary(summary))
+    _emit({k: v for k, v in summary.items() if k != "history"}, args.json)
     return 0
 
 

@@ -8,13 +8,14 @@ from coupler.assim.base import AssimilationMethod
 
 #: Latent diffusion methods: ensembles whose members are split over the driver ranks.
 ENSEMBLE_METHODS = ("lo-sda", "dps", "sda")
-#: Where the shipped checkpoints live (``&assim_nml checkpoint = ''`` picks ``<testbed>.pt``).
-SHIPPED_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 
 
 def checkpoint_path(cfg) -> Path:
-    """``&assim_nml checkpoint``, or the shipped checkpoint of ``&twin_nml model``."""
-    return Path(cfg.assim.checkpoint) if cfg.assim.checkpoint else SHIPPED_CHECKPOINTS / f"{cfg.twin.model}.pt"
+    """``&assim_nml checkpoint``, or the shipped checkpoint of ``&twin_nml model``
+    (``coupler/checkpoints/<testbed>.pt``)."""
+    from coupler.io.checkpoints import shipped_checkpoint
+
+    return Path(cfg.assim.checkpoint) if cfg.assim.checkpoint else shipped_checkpoint(cfg.twin.model)
 
 
 def make_method(cfg, covariance=None, device: str = "cpu") -> AssimilationMethod | None:

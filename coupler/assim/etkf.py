@@ -137,7 +137,8 @@ def initial_ensemble(x_b0: np.ndarray, n_members: int, std, rng: np.random.Gener
 
 def run_etkf(model_step: Callable[[np.ndarray, int], np.ndarray], x0_members: np.ndarray,
              obs_per_cycle: Sequence[Observations], truth: np.ndarray, steps_per_cycle: int,
-             inflation: float, *, spinup_cycles: int = 0, model_times: np.ndarray | None = None) -> dict:
+             inflation: float, *, spinup_cycles: int = 0, model_times: np.ndarray | None = None,
+             record_backgrounds: bool = False) -> dict:
     """Cycle the ETKF and score its ensemble mean against ``truth``, in :func:`coupler.driver.summarize`'s shape.
 
     Each cycle ``c``: integrate all members ``steps_per_cycle`` steps (one batched call
@@ -155,13 +156,16 @@ def run_etkf(model_step: Callable[[np.ndarray, int], np.ndarray], x0_members: np
         inflation: multiplicative inflation of the forecast anomalies.
         spinup_cycles: cycles left out of the mean RMSE.
         model_times: model time of each cycle (only recorded in the rows).
+        record_backgrounds: also return ``backgrounds``, ``(n_cycles, nvar, ny, nx)``: the
+            forecast ensemble mean of each cycle, before its analysis (training pairs of
+            :mod:`coupler.train`, as :func:`coupler.experiment.run_method` records them).
 
     Returns:
         The :func:`~coupler.driver.summarize` dict (``analysis_rmse``, ``background_rmse``,
         per-variable RMSEs, ``status_counts``, ...) plus ``spread`` (mean over the kept
         cycles of the analysis ensemble's RMS spread), ``background_spread``,
         ``wall_s_per_cycle`` (model integration of the N members included) and ``rows``
-        (the per-cycle diagnostics).
+        (the per-cycle diagnostics); ``backgrounds`` if asked.
 
     Raises:
         RuntimeError: the ensemble became non-finite (filter divergence), naming the cycle.
@@ -176,6 +180,7 @@ def run_etkf(model_step: Callable[[np.ndarray, int], np.ndarray], x0_members: np
     if len(obs_per_cycle) < n_cycles:
         raise ValueError(f"obs_per_cycle: {len(obs_per_cycle)} cycles of observations for {n_cycles} truth states")
     rows, H_cache, key = [], None, None
+    backgrounds = [] if record_backgrounds else None
     t0 = time.perf_counter()
     for c in range(n_cycles):
         E = np.asarray(model_step(E, steps_per_cycle))
@@ -188,6 +193,8 @@ def run_etkf(model_step: Callable[[np.ndarray, int], np.ndarray], x0_members: np
         if not np.all(np.isfinite(Ea)):
             raise RuntimeError(f"ETKF: non-finite analysis ensemble at cycle {c} (filter divergence)")
         x_b, x_a, x_t = Ef.mean(0).reshape(shape), Ea.mean(0).reshape(shape), truth[c]
+        if backgrounds is not None:
+            backgrounds.append(x_b)
         row = dict(cycle=c, step=(c + 1) * steps_per_cycle,
                    model_time=float(model_times[c]) if model_times is not None else math.nan,
                    status=int(Status.OK), n_obs=info["n_obs"],
@@ -205,4 +212,6 @@ def run_etkf(model_step: Callable[[np.ndarray, int], np.ndarray], x0_members: np
     s.update(spread=float(np.mean([r["spread"] for r in kept])),
              background_spread=float(np.mean([r["spread_b"] for r in kept])),
              n_members=N, inflation=float(inflation), wall_s_per_cycle=wall, rows=rows)
+    if backgrounds is not None:
+        s["backgrounds"] = np.stack(backgrounds)
     return s

@@ -1,0 +1,730 @@
+r"""Training of the LO-SDA networks (``lodas train FILE.nml``): a VAE of model states, then a
+conditional latent diffusion prior ``p(z | z_b)``, written as one checkpoint
+(:mod:`coupler.io.checkpoints`) that ``&assim_nml checkpoint`` names.
+
+**Training pairs** ``(x_t, x_b)``, truth and background, shapes ``(nvar, ny, nx)``, physical
+units, come from **cycled** assimilation on the twin set-up of the namelist, drawn on the
+*training seed* ``&train_nml seed`` (:func:`coupler.experiment.make_experiment`: its own truth
+trajectory, observations and initial state, never those of the evaluation seeds):
+
+* ``'3dvar'``: :func:`~coupler.experiment.run_method` with 3D-Var (``&assim_nml b_scale``)
+  recording the cycled backgrounds; Lorenz-96 background RMSE ~0.44;
+* ``'etkf'``: :func:`~coupler.assim.etkf.run_etkf` (``&assim_nml etkf_members``, ``inflation``)
+  recording the forecast ensemble means; Lorenz-96 background RMSE ~0.2.
+
+Why cycled backgrounds: a prototype measured that pairs from cycled 3D-Var backgrounds gave
+skill, while perturbed-truth backgrounds of the same RMSE gave a prior worse than 3D-Var. The
+background errors a prior meets in cycling have the flow-dependent structure of forecast errors
+(grown along the unstable directions of the flow), which white or climatological
+perturbations lack. And why several sources: 3D-Var backgrounds are broader than those LO-SDA
+sees once it beats 3D-Var, so ETKF-cycled backgrounds are mixed in (``background_sources =
+'3dvar', 'etkf'``) so that the prior has seen the error levels it meets in cycling. All sources
+share one truth trajectory; each keeps ``n_cycles`` cycles after ``spinup_cycles``; the last
+``val_fraction`` of the cycles (a contiguous block: consecutive cycles are correlated) is held
+out for validation.
+
+**Augmentation** (``augment``): the testbeds are invariant under periodic translations, so each
+pair is shifted by a random ``(dy, dx)`` (the same for truth and background): Lorenz-96 any
+``dx``; shallow water any ``dx`` and ``dy`` a multiple of ``ny / forcing_wavenumber`` (the
+Kolmogorov forcing ``sin(2 pi k y / L_y)`` is invariant under ``y -> y + L_y/k`` only).
+
+**Phases**:
+
+1. VAE (:class:`~coupler.assim.latent.StateVAE`) on the training states (the truths and all
+   backgrounds), normalised per variable with their mean and std;
+   loss ``mean (x_n_hat - x_n)^2 + kl_weight * mean KL`` (:func:`~coupler.assim.latent.vae_loss`).
+   Validation: the loss and the reconstruction RMSE ``D(mu(x))`` per variable, physical units.
+2. Freeze the VAE; ``latent_scale`` = std of ``mu`` over the training states.
+3. Prior (:class:`~coupler.assim.latent.ConditionalEpsNet`) on the normalised latent increment
+   ``d = (to_latent(x_t) - z_b) / s_d`` conditioned on ``z_b = to_latent(x_b)``, with ``s_d``
+   (checkpoint ``latent_increment_std``) the RMS of ``to_latent(x_t) - to_latent(x_b)`` over
+   the training pairs, by :func:`coupler.assim.diffusion.denoising_loss` (``t ~ U(0,1)``,
+   ``d_t = alpha_t d + sigma_t eps``, loss ``E ||eps_hat - eps||^2`` summed over the latent
+   elements, per pair); an exponential moving average (EMA) of its weights is validated and saved.
+4. Evaluation (``eval_pairs``): the EMA prior is sampled (8 members, ``&assim_nml n_steps``, no
+   observations) for validation backgrounds; the decoded ensemble-mean RMSE against the truth is
+   reported next to the background's (the prior's conditional mean should not be worse than
+   ``x_b``) and the ensemble spread (calibrated when close to that RMSE).
+
+Adam, with a linear warm-up (``min(100, steps/20)`` steps) then ``lr_schedule`` decay over each
+phase. **Resumable**: after every epoch the training state (models, optimiser, EMA, epoch
+counters, history) is written atomically to ``<checkpoint>.state.pt`` and the pairs once to
+``<checkpoint>.pairs.pt``; ``--resume`` continues from them. Every random draw of epoch ``e`` of
+phase ``p`` comes from a generator seeded by ``(seed, p, e)``, so a resumed run equals an
+uninterrupted one bit for bit (same thread count and device). The final checkpoint is written
+atomically at the end; the state files are then removed unless ``keep_state``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bridges.namelist import NamelistError
+
+log = logging.getLogger("lodas")
+
+__all__ = ["train", "make_pairs", "Pairs", "format_summary", "state_paths", "EVAL_MEMBERS"]
+
+STATE_FORMAT = "lodas-train-state"
+STATE_VERSION = 1
+EVAL_MEMBERS = 8
+_VAE, _PRIOR, _VAL, _INIT = 1, 2, 3, 4            # random-stream tags
+#: &train_nml keys that do not change the result (left out of the resume fingerprint).
+_NOT_FINGERPRINTED = ("checkpoint", "threads", "device", "keep_state", "eval_pairs")
+
+
+@dataclass
+class Pairs:
+    """Training pairs on one truth trajectory (``n`` kept cycles, ``S`` background sources).
+
+    Attributes:
+        truth: ``(n, nvar, ny, nx)`` float32, physical units.
+        background: ``(S, n, nvar, ny, nx)`` float32: source ``s``'s background of each cycle.
+        sources: the ``S`` source names.
+        n_val: the last ``n_val`` cycles are validation, the first ``n - n_val`` training.
+        info: per source, the background RMSE over the validation cycles, and timings.
+    """
+
+    truth: torch.Tensor
+    background: torch.Tensor
+    sources: list
+    n_val: int
+    info: dict
+
+    @property
+    def n_train(self) -> int:
+        return self.truth.shape[0] - self.n_val
+
+
+def state_paths(checkpoint: str | Path) -> tuple[Path, Path]:
+    """``(<checkpoint>.state.pt, <checkpoint>.pairs.pt)``: the resumable training state and the pairs."""
+    p = Path(checkpoint)
+    return p.with_name(p.name + ".state.pt"), p.with_name(p.name + ".pairs.pt")
+
+
+def _seed(*words: int) -> int:
+    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _generator(device, *words: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(_seed(*words))
+    return g
+
+
+def _check_config(cfg):
+    t = cfg.train
+    if t is None:
+        raise NamelistError(f"{cfg.path}: lodas train needs a &train_nml group (keys: checkpoint, seed, n_cycles, "
+                            f"background_sources, vae_epochs, prior_epochs, ...)")
+    if not t.checkpoint:
+        raise NamelistError(f"{cfg.path}: &train_nml checkpoint = '': name the output checkpoint file")
+    if t.seed in (cfg.coupler.seed, 11):
+        raise NamelistError(f"{cfg.path}: &train_nml seed = {t.seed} is an evaluation seed (&coupler_nml seed = "
+                            f"{cfg.coupler.seed}; 11 is used for tuning): train on another truth trajectory")
+    if len(set(t.background_sources)) != len(t.background_sources) or not t.background_sources:
+        raise NamelistError(f"{cfg.path}: &train_nml background_sources = {t.background_sources}: expected distinct "
+                            f"sources among '3dvar', 'etkf'")
+    n_val = int(round(t.val_fraction * t.n_cycles))
+    if n_val < 1 or t.n_cycles - n_val < 1:
+        raise NamelistError(f"{cfg.path}: &train_nml val_fraction = {t.val_fraction} with n_cycles = {t.n_cycles} "
+                            f"leaves {n_val} validation and {t.n_cycles - n_val} training cycles; both must be >= 1")
+    g = cfg.grid
+    f = 2 ** t.levels
+    if g.nx % f or (g.ny > 1 and g.ny % f):
+        raise NamelistError(f"{cfg.path}: &train_nml levels = {t.levels}: the grid (&grid_nml ny = {g.ny}, nx = "
+                            f"{g.nx}) must be divisible by 2**levels = {f}")
+    return t
+
+
+def _fingerprint(cfg) -> dict:
+    """What must not change between an interrupted run and its resumption."""
+    t = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _NOT_FINGERPRINTED}
+    groups = {name: dataclasses.asdict(getattr(cfg, name)) for name in ("grid", "obs", "twin", "assim")}
+    groups["model"] = dataclasses.asdict(cfg.model)
+    return {"train": t, **groups}
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} (state) vs {vb!r} (now)")
+    return out
+
+
+def arch_of(cfg) -> dict:
+    """The :func:`~coupler.assim.latent.build_networks` arch of ``&train_nml`` and the grid."""
+    t = cfg.train
+    return dict(shape=list(cfg.state_shape), latent_channels=t.latent_channels, width=t.width, levels=t.levels,
+                channel_mult=list(t.channel_mult), blocks=t.blocks, prior_width=t.prior_width,
+                prior_blocks=t.prior_blocks, time_features=64, schedule_eta=t.schedule_eta)
+
+
+def shift_steps(cfg) -> tuple[int, int]:
+    """``(y_step, x_step)``: augmentation shifts are multiples of these (0: no shift on that axis)."""
+    ny = cfg.grid.ny
+    y_step = 0
+    if ny > 1 and cfg.twin.model == "sw":
+        k = cfg.sw.forcing_wavenumber if cfg.sw is not None else 0
+        y_step = ny // k if k and ny % k == 0 and ny // k < ny else 0
+    return y_step, 1
+
+
+def random_shift(tensors: list[torch.Tensor], gen: torch.Generator, steps: tuple[int, int]) -> list[torch.Tensor]:
+    """Shift each sample ``b`` of every ``(B, nvar, ny, nx)`` tensor periodically by the same random
+    ``(dy_b, dx_b)`` (multiples of ``steps``; a step of 0 leaves that axis alone)."""
+    x0 = tensors[0]
+    B, _, ny, nx = x0.shape
+    dev = x0.device
+    out = list(tensors)
+    y_step, x_step = steps
+    if x_step:
+        dx = torch.randint(0, nx // x_step, (B,), generator=gen, device=gen.device).to(dev) * x_step
+        ix = (torch.arange(nx, device=dev)[None, :] + dx[:, None]) % nx
+        out = [torch.gather(t, 3, ix[:, None, None, :].expand(t.shape)) for t in out]
+    if y_step:
+        dy = torch.randint(0, ny // y_step, (B,), generator=gen, device=gen.device).to(dev) * y_step
+        iy = (torch.arange(ny, device=dev)[None, :] + dy[:, None]) % ny
+        out = [torch.gather(t, 2, iy[:, None, :, None].expand(t.shape)) for t in out]
+    return out
+
+
+# -- data -------------------------------------------------------------------------------------
+def make_pairs(cfg) -> Pairs:
+    """Cycle every ``&train_nml background_sources`` on the training seed; keep the pairs after
+    ``spinup_cycles`` (see the module docstring)."""
+    from coupler.experiment import make_experiment, run_method
+    from coupler.methods import make_method
+
+    t = cfg.train
+    n_total = t.spinup_cycles + t.n_cycles
+    t0 = time.perf_counter()
+    exp = make_experiment(cfg, seed=t.seed, n_cycles=n_total)
+    info = {"experiment_s": time.perf_counter() - t0, "sources": {}}
+    n_val = int(round(t.val_fraction * t.n_cycles))
+    keep = slice(t.spinup_cycles, None)
+    truth = exp.truth[keep]
+    backgrounds = []
+    for src in t.background_sources:
+        t1 = time.perf_counter()
+        if src == "3dvar":
+            cfg3 = dataclasses.replace(cfg, assim=dataclasses.replace(cfg.assim, method="3dvar"))
+            s = run_method(exp, make_method(cfg3, covariance=exp.covariance), record_backgrounds=True)
+        else:
+            from coupler.assim.etkf import initial_ensemble, run_etkf
+            from coupler.twin import init_error_std
+
+            a = cfg.assim
+            members = initial_ensemble(exp.x_b0, a.etkf_members, init_error_std(cfg)[:, 0, 0],
+                                       np.random.default_rng([t.seed, 4]))
+            s = run_etkf(exp.model.step, members, exp.observations, exp.truth, exp.steps_per_cycle, a.inflation,
+                         spinup_cycles=t.spinup_cycles, model_times=exp.times, record_backgrounds=True)
+        b = np.asarray(s["backgrounds"])
+        if b.shape != exp.truth.shape:
+            raise RuntimeError(f"{src}: recorded {b.shape[0]} backgrounds for {exp.n_cycles} cycles")
+        if not np.all(np.isfinite(b)):
+            raise RuntimeError(f"{src}: non-finite backgrounds in the training run (filter divergence)")
+        b = b[keep]
+        err = b - truth
+        info["sources"][src] = {
+            "background_rmse_train": float(np.sqrt(np.mean(err[:-n_val] ** 2))),
+            "background_rmse_val": float(np.sqrt(np.mean(err[-n_val:] ** 2))),
+            "analysis_rmse": float(s["analysis_rmse"]), "seconds": time.perf_counter() - t1}
+        log.info("training pairs from cycled %s: %d cycles, background RMSE %.4f (%.1f s)", src, b.shape[0],
+                 info["sources"][src]["background_rmse_train"], time.perf_counter() - t1)
+        backgrounds.append(torch.from_numpy(b.astype(np.float32)))
+    return Pairs(truth=torch.from_numpy(truth.astype(np.float32)), background=torch.stack(backgrounds),
+                 sources=list(t.background_sources), n_val=n_val, info=info)
+
+
+def _pairs_payload(pairs: Pairs, fingerprint: dict) -> dict:
+    return {"format": "lodas-train-pairs", "fingerprint": fingerprint, "truth": pairs.truth,
+            "background": pairs.background, "sources": pairs.sources, "n_val": pairs.n_val, "info": pairs.info}
+
+
+# -- optimisation helpers ----------------------------------------------------------------------
+def lr_at(step: int, total: int, base: float, kind: str) -> float:
+    """Learning rate of optimiser step ``step`` (0-based) of ``total`` in a phase."""
+    warm = min(100, max(1, total // 20))
+    if step < warm:
+        return base * (step + 1) / warm
+    p = (step - warm) / max(1, total - warm)
+    if kind == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
+    if kind == "step":
+        return base * (1.0 if p < 0.6 else 0.1 if p < 0.85 else 0.01)
+    return base
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    d = min(decay, (1.0 + step) / (10.0 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.mul_(d).add_(pm, alpha=1.0 - d)
+
+
+def _chunks(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+class _Progress:
+    def __init__(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, disable=not sys.stderr.isatty(), leave=False, unit="step")
+
+    def update(self, loss: float) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3e}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# -- the training run ------------------------------------------------------------------------
+class _Run:
+    """Everything one training run holds (models, optimiser state, counters); saved every epoch."""
+
+    def __init__(self, cfg, device: str):
+        from coupler.assim.latent import build_networks
+
+        self.cfg, self.t, self.device = cfg, cfg.train, device
+        self.arch = arch_of(cfg)
+        torch.manual_seed(_seed(self.t.seed, _INIT))
+        self.vae, self.eps_net = build_networks(self.arch)
+        self.vae.to(device)
+        self.eps_net.to(device)
+        self.ema = copy.deepcopy(self.eps_net).requires_grad_(False)
+        self.opt = torch.optim.Adam(self.vae.parameters(), lr=self.t.lr)
+        self.phase, self.vae_epoch, self.prior_epoch, self.step = "vae", 0, 0, 0
+        self.history: list[dict] = []
+        self.wall_s = 0.0
+        self.latent_errors: dict = {}
+
+    @property
+    def increment_std(self) -> float:
+        """``s_d``: the RMS latent increment ``to_latent(x_t) - to_latent(x_b)`` of the training pairs."""
+        return float(self.latent_errors["all"])
+
+    def start_prior(self) -> None:
+        self.phase, self.step = "prior", 0
+        self.vae.eval().requires_grad_(False)
+        self.opt = torch.optim.Adam(self.eps_net.parameters(), lr=self.t.lr)
+
+    def state(self, fingerprint: dict) -> dict:
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprint": fingerprint, "phase": self.phase,
+                "vae_epoch": self.vae_epoch, "prior_epoch": self.prior_epoch, "step": self.step,
+                "vae": self.vae.state_dict(), "eps": self.eps_net.state_dict(), "ema": self.ema.state_dict(),
+                "opt": self.opt.state_dict(), "history": self.history, "wall_s": self.wall_s,
+                "latent_errors": self.latent_errors}
+
+    def restore(self, st: dict) -> None:
+        self.vae.load_state_dict(st["vae"])
+        self.eps_net.load_state_dict(st["eps"])
+        self.ema.load_state_dict(st["ema"])
+        self.vae_epoch, self.prior_epoch = int(st["vae_epoch"]), int(st["prior_epoch"])
+        self.history, self.wall_s = list(st["history"]), float(st["wall_s"])
+        self.latent_errors = dict(st["latent_errors"])
+        if st["phase"] != "vae":
+            self.start_prior()
+            self.phase = st["phase"]
+        self.opt.load_state_dict(st["opt"])
+        self.step = int(st["step"])
+
+
+def _save_state(path: Path, run: _Run, fingerprint: dict) -> None:
+    from coupler.io.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(run.state(fingerprint), tmp)
+
+
+def _load(path: Path, what: str) -> dict:
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{path}: unreadable {what} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                         f"delete it or run without --resume") from None
+
+
+def _device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("&train_nml device = 'cuda': no CUDA device is available")
+    return requested
+
+
+def _vae_validate(run: _Run, val_states: torch.Tensor) -> dict:
+    from coupler.assim.latent import vae_loss
+
+    vae, t = run.vae, run.t
+    g = _generator(run.device, t.seed, _VAL, 0)
+    se = torch.zeros(vae.shape[0], dtype=torch.float64)
+    loss_sum, n = 0.0, val_states.shape[0]
+    was_training = vae.training
+    vae.eval()
+    with torch.no_grad():
+        for sl in _chunks(n, 256):
+            x = val_states[sl].to(run.device)
+            loss, _, _ = vae_loss(vae, x, t.kl_weight, g)
+            loss_sum += loss.item() * x.shape[0]
+            mu, _ = vae.encode(x)
+            se += ((vae.decode(mu) - x).double() ** 2).sum(dim=(0, 2, 3)).cpu()
+    vae.train(was_training)
+    per_var = torch.sqrt(se / (n * vae.shape[1] * vae.shape[2]))
+    names = list(run.cfg.grid.variables)
+    return {"val_loss": loss_sum / n, "recon_rmse": {v: float(r) for v, r in zip(names, per_var)},
+            "recon_rmse_all": float(torch.sqrt(se.sum() / (n * vae.shape[1] * vae.shape[2] * vae.shape[0])))}
+
+
+def _prior_validate(run: _Run, pairs: Pairs, repeats: int = 2) -> float:
+    from coupler.assim.diffusion import CosineSchedule, denoising_loss
+
+    schedule = CosineSchedule(run.t.schedule_eta)
+    g = _generator(run.device, run.t.seed, _VAL, 1)
+    vae, net = run.vae, run.ema
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(len(pairs.sources)):
+            xt_all, xb_all = pairs.truth[pairs.n_train:], pairs.background[s, pairs.n_train:]
+            for sl in _chunks(xt_all.shape[0], 256):
+                c = vae.to_latent(xb_all[sl].to(run.device))
+                d = (vae.to_latent(xt_all[sl].to(run.device)) - c) / run.increment_std
+                for _ in range(repeats):
+                    total += float(denoising_loss(net, d, c, schedule, generator=g)) * d.shape[0]
+                    n += d.shape[0]
+    return total / n
+
+
+def _latent_scale(run: _Run, states: torch.Tensor) -> float:
+    s1 = s2 = 0.0
+    n = 0
+    with torch.no_grad():
+        for sl in _chunks(states.shape[0], 512):
+            mu = run.vae.encode(states[sl].to(run.device))[0].double()
+            s1 += float(mu.sum())
+            s2 += float((mu ** 2).sum())
+            n += mu.numel()
+    mean = s1 / n
+    return math.sqrt(max(s2 / n - mean * mean, 1e-12))
+
+
+def _latent_errors(run: _Run, pairs: Pairs) -> dict:
+    """RMS of ``to_latent(x_t) - to_latent(x_b)`` over the training pairs, per source and ``'all'``
+    (``'all'`` is the prior's ``latent_increment_std`` ``s_d``: it trains on ``(z_t - z_b) / s_d``)."""
+    out, tot, n = {}, 0.0, 0
+    with torch.no_grad():
+        for s, src in enumerate(pairs.sources):
+            acc, m = 0.0, 0
+            for sl in _chunks(pairs.n_train, 512):
+                d = (run.vae.to_latent(pairs.truth[sl].to(run.device))
+                     - run.vae.to_latent(pairs.background[s, sl].to(run.device))).double()
+                acc += float((d ** 2).sum())
+                m += d.numel()
+            out[src] = math.sqrt(acc / m)
+            tot, n = tot + acc, n + m
+    out["all"] = math.sqrt(tot / n)
+    return out
+
+
+def _evaluate(run: _Run, pairs: Pairs) -> dict:
+    """Sample the EMA prior (no observations) for evenly spaced validation pairs of every source."""
+    from coupler.assim.diffusion import CosineSchedule, member_generators, sample
+
+    t, cfg = run.t, run.cfg
+    per_source = max(1, t.eval_pairs // len(pairs.sources))
+    idx = np.unique(np.linspace(0, pairs.n_val - 1, min(per_source, pairs.n_val)).round().astype(int))
+    schedule = CosineSchedule(t.schedule_eta)
+    names = list(cfg.grid.variables)
+    vae, M = run.vae, EVAL_MEMBERS
+    out = {}
+    for s, src in enumerate(pairs.sources):
+        se = {k: torch.zeros(len(names), dtype=torch.float64) for k in ("b", "mean", "spread", "recon")}
+        for chunk in np.array_split(idx, max(1, len(idx) // 16)):
+            if not len(chunk):
+                continue
+            xt = pairs.truth[pairs.n_train + chunk].to(run.device)
+            xb = pairs.background[s, pairs.n_train + chunk].to(run.device)
+            with torch.no_grad():
+                cond = vae.to_latent(xb).repeat_interleave(M, dim=0)
+                gens = [g for j in chunk for g in member_generators(t.seed, int(j) + 100000 * s, range(M),
+                                                                     device=run.device)]
+                d = sample(run.ema, cond, gens, schedule, cfg.assim.n_steps, stochastic=cfg.assim.stochastic)
+                z = cond + run.increment_std * d
+                xs = vae.from_latent(z).reshape(len(chunk), M, *xt.shape[1:]).double()
+                recon = vae.from_latent(vae.to_latent(xt)).double()
+            xt64 = xt.double()
+            se["b"] += ((xb.double() - xt64) ** 2).sum(dim=(0, 2, 3)).cpu()
+            se["mean"] += ((xs.mean(1) - xt64) ** 2).sum(dim=(0, 2, 3)).cpu()
+            se["spread"] += xs.var(1, unbiased=True).sum(dim=(0, 2, 3)).cpu()
+            se["recon"] += ((recon - xt64) ** 2).sum(dim=(0, 2, 3)).cpu()
+        npts = len(idx) * cfg.grid.ny * cfg.grid.nx
+        res = {"pairs": int(len(idx)), "members": M}
+        for key, name in (("b", "background_rmse"), ("mean", "prior_mean_rmse"), ("spread", "prior_spread"),
+                          ("recon", "truth_recon_rmse")):
+            res[name] = float(torch.sqrt(se[key].sum() / (npts * len(names))))
+            res[name + "_per_variable"] = {v: float(torch.sqrt(x / npts)) for v, x in zip(names, se[key])}
+        out[src] = res
+    return out
+
+
+def train(cfg, *, resume: bool = False, max_epochs: int | None = None) -> dict:
+    """Train the VAE and the prior of ``cfg`` (``&train_nml``); write the checkpoint; return the summary.
+
+    Args:
+        cfg: the effective :class:`bridges.namelist.Config` (with a ``&train_nml`` group).
+        resume: continue from ``<checkpoint>.state.pt`` (and reuse ``<checkpoint>.pairs.pt``)
+            when they exist and were written for the same configuration.
+        max_epochs: stop (resumably) after this many epochs, VAE and prior counted together, in
+            this call (for wall-clock-limited batch jobs); the summary then has
+            ``complete = False`` and no checkpoint is written.
+
+    Returns:
+        The summary dict (see :func:`format_summary`; ``lodas train --json`` prints it).
+
+    Raises:
+        NamelistError: a missing ``&train_nml`` or inconsistent keys.
+        ValueError: an unusable training-state file (on resume) or device.
+    """
+    from coupler.assim.diffusion import CosineSchedule, denoising_loss
+    from coupler.assim.latent import vae_loss
+    from coupler.io.atomic import atomic_path
+    from coupler.io.checkpoints import save_checkpoint
+
+    t = _check_config(cfg)
+    t_start = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(t.threads)
+    try:
+        device = _device(t.device)
+        ckpt = Path(t.checkpoint)
+        state_path, pairs_path = state_paths(ckpt)
+        fp = _fingerprint(cfg)
+        # -- data
+        pairs = None
+        if resume and pairs_path.is_file():
+            p = _load(pairs_path, "training-pairs file")
+            if p.get("fingerprint") == fp:
+                pairs = Pairs(truth=p["truth"], background=p["background"], sources=list(p["sources"]),
+                              n_val=int(p["n_val"]), info=p["info"])
+                log.info("resume: training pairs from %s", pairs_path)
+            else:
+                log.warning("resume: %s was made for another configuration; regenerating the pairs", pairs_path)
+        if pairs is None:
+            pairs = make_pairs(cfg)
+            with atomic_path(pairs_path) as tmp:
+                torch.save(_pairs_payload(pairs, fp), tmp)
+        data_s = time.perf_counter() - t_start
+        n_tr = pairs.n_train
+        train_states = torch.cat([pairs.truth[:n_tr], pairs.background[:, :n_tr].reshape(-1, *pairs.truth.shape[1:])])
+        val_states = torch.cat([pairs.truth[n_tr:], pairs.background[:, n_tr:].reshape(-1, *pairs.truth.shape[1:])])
+        # -- models
+        run = _Run(cfg, device)
+        mean = train_states.double().mean(dim=(0, 2, 3))
+        std = train_states.double().std(dim=(0, 2, 3))
+        run.vae.set_normalization(mean.float(), std.float())
+        if resume and state_path.is_file():
+            st = _load(state_path, "training-state file")
+            if st.get("format") != STATE_FORMAT or st.get("version") != STATE_VERSION:
+                raise ValueError(f"{state_path}: not a lodas training state of version {STATE_VERSION}")
+            diff = _diff(st["fingerprint"], fp)
+            if diff:
+                raise ValueError(f"{state_path}: written for another configuration ({'; '.join(diff[:5])}); "
+                                 f"run without --resume to start afresh")
+            run.restore(st)
+            log.info("resume: %s at VAE epoch %d/%d, prior epoch %d/%d", state_path, run.vae_epoch, t.vae_epochs,
+                     run.prior_epoch, t.prior_epochs)
+        elif resume:
+            log.info("resume: no training state %s; starting afresh", state_path)
+        steps = shift_steps(cfg) if t.augment else (0, 0)
+        epochs_done, stopped = 0, False
+        to_dev = (lambda x: x.to(device)) if device != "cpu" else (lambda x: x)
+
+        # -- phase 1: VAE
+        n_states = train_states.shape[0]
+        per_epoch = math.ceil(n_states / t.batch_size)
+        total = per_epoch * t.vae_epochs
+        while run.vae_epoch < t.vae_epochs and not stopped:
+            e0 = time.perf_counter()
+            run.vae.train()
+            g = _generator("cpu", t.seed, _VAE, run.vae_epoch)
+            gd = g if device == "cpu" else _generator(device, t.seed, _VAE, run.vae_epoch)
+            perm = torch.randperm(n_states, generator=g)
+            bar = _Progress(per_epoch, f"VAE {run.vae_epoch + 1}/{t.vae_epochs}")
+            loss_sum = 0.0
+            for sl in _chunks(n_states, t.batch_size):
+                x = to_dev(train_states[perm[sl]])
+                (x,) = random_shift([x], g, steps) if t.augment else (x,)
+                for group in run.opt.param_groups:
+                    group["lr"] = lr_at(run.step, total, t.lr, t.lr_schedule)
+                loss, _, _ = vae_loss(run.vae, x, t.kl_weight, gd)
+                run.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                run.opt.step()
+                run.step += 1
+                loss_sum += loss.item() * x.shape[0]
+                bar.update(loss.item())
+            bar.close()
+            run.vae_epoch += 1
+            val = _vae_validate(run, val_states)
+            row = {"phase": "vae", "epoch": run.vae_epoch, "train_loss": loss_sum / n_states, **val,
+                   "seconds": time.perf_counter() - e0}
+            run.history.append(row)
+            log.info("VAE epoch %d/%d: train loss %.4e, val loss %.4e, reconstruction RMSE %s (%.1f s)",
+                     run.vae_epoch, t.vae_epochs, row["train_loss"], val["val_loss"],
+                     ", ".join(f"{k} {v:.4f}" for k, v in val["recon_rmse"].items()), row["seconds"])
+            run.wall_s += time.perf_counter() - e0
+            epochs_done += 1
+            stopped = max_epochs is not None and epochs_done >= max_epochs
+            _save_state(state_path, run, fp)
+
+        # -- phase 2: freeze, latent scale; phase 3: prior
+        if run.vae_epoch >= t.vae_epochs and run.phase == "vae" and not stopped:
+            run.vae.set_latent_scale(_latent_scale(run, train_states))
+            run.start_prior()
+            errs = _latent_errors(run, pairs)
+            run.latent_errors = errs
+            log.info("VAE frozen; latent shape %s, latent_scale %.4f; background error in unit latents (RMS): %s",
+                     run.vae.latent_shape, float(run.vae.latent_scale),
+                     ", ".join(f"{k} {v:.4f}" for k, v in errs.items()))
+            _save_state(state_path, run, fp)
+        schedule = CosineSchedule(t.schedule_eta)
+        S = len(pairs.sources)
+        n_pairs = S * n_tr
+        per_epoch = math.ceil(n_pairs / t.batch_size)
+        total = per_epoch * t.prior_epochs
+        while run.phase == "prior" and run.prior_epoch < t.prior_epochs and not stopped:
+            e0 = time.perf_counter()
+            run.eps_net.train()
+            g = _generator("cpu", t.seed, _PRIOR, run.prior_epoch)
+            gd = g if device == "cpu" else _generator(device, t.seed, _PRIOR, run.prior_epoch)
+            perm = torch.randperm(n_pairs, generator=g)
+            bar = _Progress(per_epoch, f"prior {run.prior_epoch + 1}/{t.prior_epochs}")
+            loss_sum = 0.0
+            for sl in _chunks(n_pairs, t.batch_size):
+                k = perm[sl]
+                src, cyc = k // n_tr, k % n_tr
+                xt, xb = to_dev(pairs.truth[cyc]), to_dev(pairs.background[src, cyc])
+                if t.augment:
+                    xt, xb = random_shift([xt, xb], g, steps)
+                with torch.no_grad():
+                    c = run.vae.to_latent(xb)
+                    d = (run.vae.to_latent(xt) - c) / run.increment_std
+                for group in run.opt.param_groups:
+                    group["lr"] = lr_at(run.step, total, t.lr, t.lr_schedule)
+                loss = denoising_loss(run.eps_net, d, c, schedule, generator=gd)
+                run.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                run.opt.step()
+                if t.ema_decay > 0:
+                    _ema_update(run.ema, run.eps_net, t.ema_decay, run.step)
+                else:
+                    run.ema.load_state_dict(run.eps_net.state_dict())
+                run.step += 1
+                loss_sum += loss.item() * d.shape[0]
+                bar.update(loss.item())
+            bar.close()
+            run.prior_epoch += 1
+            val_loss = _prior_validate(run, pairs)
+            row = {"phase": "prior", "epoch": run.prior_epoch, "train_loss": loss_sum / n_pairs,
+                   "val_loss": val_loss, "seconds": time.perf_counter() - e0}
+            run.history.append(row)
+            log.info("prior epoch %d/%d: train loss %.4f, val loss (EMA) %.4f, per latent element %.4f (%.1f s)",
+                     run.prior_epoch, t.prior_epochs, row["train_loss"], val_loss,
+                     val_loss / math.prod(run.vae.latent_shape), row["seconds"])
+            run.wall_s += time.perf_counter() - e0
+            epochs_done += 1
+            stopped = max_epochs is not None and epochs_done >= max_epochs
+            _save_state(state_path, run, fp)
+
+        complete = run.phase == "prior" and run.prior_epoch >= t.prior_epochs
+        vae_rows = [r for r in run.history if r["phase"] == "vae"]
+        prior_rows = [r for r in run.history if r["phase"] == "prior"]
+        summary = {
+            "checkpoint": str(ckpt), "complete": complete, "testbed": cfg.twin.model, "namelist": str(cfg.path),
+            "shape": list(cfg.state_shape), "variables": list(cfg.grid.variables), "seed": t.seed,
+            "threads": t.threads, "device": device, "sources": pairs.sources,
+            "n_train_pairs": int(S * n_tr), "n_val_pairs": int(S * pairs.n_val), "n_train_states": int(n_states),
+            "data": pairs.info, "data_s": data_s,
+            "latent_shape": list(run.vae.latent_shape), "latent_scale": float(run.vae.latent_scale),
+            "latent_error_rms": run.latent_errors,
+            "vae": {"epochs": run.vae_epoch, **({k: vae_rows[-1][k] for k in ("train_loss", "val_loss", "recon_rmse",
+                                                                              "recon_rmse_all")} if vae_rows else {})},
+            "prior": {"epochs": run.prior_epoch,
+                      **({k: prior_rows[-1][k] for k in ("train_loss", "val_loss")} if prior_rows else {})},
+            "history": run.history,
+        }
+        if complete:
+            if t.eval_pairs > 0:
+                e0 = time.perf_counter()
+                summary["eval"] = _evaluate(run, pairs)
+                summary["eval_s"] = time.perf_counter() - e0
+            summary["train_s"] = run.wall_s
+            summary["wall_s"] = time.perf_counter() - t_start
+            meta = {"arch": run.arch, "variables": list(cfg.grid.variables), "schedule_eta": t.schedule_eta,
+                    "train_namelist": _namelist_text(cfg), "summary": summary, "testbed": cfg.twin.model,
+                    "train_seed": t.seed, "ema_decay": t.ema_decay,
+                    "latent_increment_std": run.increment_std}
+            ema_vae, ema_net = run.vae.cpu(), run.ema.cpu()
+            save_checkpoint(ckpt, ema_vae, ema_net, meta)
+            summary["checkpoint_bytes"] = ckpt.stat().st_size
+            if not t.keep_state:
+                for p in (state_path, pairs_path):
+                    p.unlink(missing_ok=True)
+            log.info("checkpoint written: %s (%.1f kB)", ckpt, summary["checkpoint_bytes"] / 1e3)
+        else:
+            summary["wall_s"] = time.perf_counter() - t_start
+            log.info("stopped after %d epoch(s) in this run; continue with `lodas train %s --resume`", epochs_done,
+                     cfg.path)
+        return summary
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _namelist_text(cfg) -> str:
+    from bridges.namelist import _namelist_text as text
+
+    return text(cfg.to_namelist())
+
+
+def format_summary(s: dict) -> str:
+    """The table ``lodas train`` prints."""
+    lines = [f"lodas train: {s['testbed']} {tuple(s['shape'])} {s['variables']}, seed {s['seed']}, "
+             f"{s['n_train_pairs']} training / {s['n_val_pairs']} validation pairs from {', '.join(s['sources'])}"]
+    for src, d in s["data"]["sources"].items():
+        lines.append(f"  cycled {src:<6} background RMSE {d['background_rmse_train']:.4f} (train) "
+                     f"{d['background_rmse_val']:.4f} (val)")
+    lines.append(f"latent {tuple(s['latent_shape'])}, latent_scale {s['latent_scale']:.4f}")
+    v = s["vae"]
+    if "val_loss" in v:
+        rec = "  ".join(f"{k} {x:.4f}" for k, x in v["recon_rmse"].items())
+        lines.append(f"VAE    {v['epochs']:>3} epochs  train loss {v['train_loss']:.4e}  val loss {v['val_loss']:.4e}  "
+                     f"reconstruction RMSE: {rec}")
+    p = s["prior"]
+    if "val_loss" in p:
+        lines.append(f"prior  {p['epochs']:>3} epochs  train loss {p['train_loss']:.4f}  val loss {p['val_loss']:.4f}"
+                     f"  (per pair, summed over {math.prod(s['latent_shape'])} latent elements)")
+    if "eval" in s:
+        lines.append(f"{'prior samples (no obs)':<24}{'background':>12}{'prior mean':>12}{'spread':>10}"
+                     f"{'recon(x_t)':>12}   RMSE vs truth")
+        for src, e in s["eval"].items():
+            lines.append(f"  {src:<22}{e['background_rmse']:>12.4f}{e['prior_mean_rmse']:>12.4f}"
+                         f"{e['prior_spread']:>10.4f}{e['truth_recon_rmse']:>12.4f}")
+    state = "complete" if s["complete"] else "INCOMPLETE (resume with --resume)"
+    lines.append(f"{state}; wall {s['wall_s']:.1f} s (data {s['data_s']:.1f} s); checkpoint {s['checkpoint']}")
+    return "\n".join(lines)

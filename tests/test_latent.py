@@ -1,0 +1,202 @@
+"""The latent networks (coupler.assim.latent) and their checkpoints (coupler.io.checkpoints): tiny
+networks, a few optimiser steps."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coupler.assim.diffusion import CosineSchedule, denoising_loss, member_generators, sample
+from coupler.assim.latent import ConditionalEpsNet, StateVAE, build_networks, default_arch, vae_loss
+from coupler.io.checkpoints import FORMAT_VERSION, load_checkpoint, save_checkpoint
+
+torch.set_num_threads(1)
+TINY = dict(latent_channels=2, width=4, levels=1, blocks=1, prior_width=8, prior_blocks=1, time_features=8)
+
+
+def _nets(shape, seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_networks(default_arch(shape, **{**TINY, **kw}))
+
+
+@pytest.mark.parametrize("shape, latent", [((1, 1, 40), (2, 20)), ((3, 8, 8), (2, 4, 4))])
+def test_shapes_and_physical_units(shape, latent):
+    vae, eps = _nets(shape)
+    vae.set_normalization([5.0] * shape[0], [3.0] * shape[0])
+    vae.set_latent_scale(2.0)
+    x = 5.0 + 3.0 * torch.randn(3, *shape, dtype=torch.float64)
+    assert vae.latent_shape == latent
+    mu, logvar = vae.encode(x)
+    assert mu.shape == logvar.shape == (3, *latent)
+    assert vae.decode(mu).shape == (3, *shape)
+    # normalisation happens inside: encode(x) == encode_normalized((x - mean)/std)
+    torch.testing.assert_close(mu, vae.encode_normalized(((x - 5.0) / 3.0).float())[0])
+    torch.testing.assert_close(vae.decode(mu), 5.0 + 3.0 * vae.decode_normalized(mu))
+    torch.testing.assert_close(vae.to_latent(x), mu / 2.0)
+    torch.testing.assert_close(vae.from_latent(mu / 2.0), vae.decode(mu))
+    z = vae.to_latent(x)
+    out = eps(z, torch.rand(3), z)
+    assert out.shape == z.shape and out.dtype == z.dtype
+    with pytest.raises(ValueError, match=r"expected states \(B, nvar, ny, nx\)"):
+        vae.encode(torch.zeros(2, shape[0] + 1, *shape[1:]))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 16), (2, 8, 8)])
+def test_periodic_translation_equivariance(shape):
+    """Circular padding: shifting the state by the total stride 2^levels shifts the latent by one."""
+    vae, _ = _nets(shape, levels=2)
+    x = torch.randn(2, *shape)
+    mu = vae.encode(x)[0]
+    mu_x = vae.encode(torch.roll(x, 4, dims=-1))[0]
+    torch.testing.assert_close(mu_x, torch.roll(mu, 1, dims=-1), atol=1e-5, rtol=1e-5)
+    if shape[1] > 1:
+        mu_y = vae.encode(torch.roll(x, 4, dims=-2))[0]
+        torch.testing.assert_close(mu_y, torch.roll(mu, 1, dims=-2), atol=1e-5, rtol=1e-5)
+    z = torch.randn(2, *vae.latent_shape)
+    torch.testing.assert_close(vae.decode(torch.roll(z, 1, dims=-1)), torch.roll(vae.decode(z), 4, dims=-1),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arch_and_grids_are_refused():
+    with pytest.raises(ValueError, match=r"not divisible by 2\*\*levels = 8"):
+        StateVAE((1, 1, 20), levels=3)
+    with pytest.raises(ValueError, match=r"missing keys \['prior_width'"):
+        build_networks({k: v for k, v in default_arch((1, 1, 8)).items() if k != "prior_width"})
+    with pytest.raises(ValueError, match=r"arch\['shape'\]"):
+        build_networks({**default_arch((1, 1, 8)), "shape": [1, 8]})
+    with pytest.raises(ValueError, match=r"arch\['levels'\]"):
+        build_networks(default_arch((1, 1, 8), levels=-1))
+
+
+def test_vae_and_prior_losses_decrease():
+    vae, eps = _nets((1, 1, 16))
+    g = torch.Generator().manual_seed(0)
+    x = torch.cumsum(torch.randn(32, 1, 1, 16, generator=g), -1)
+    vae.set_normalization(x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)))
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        loss, recon, kl = vae_loss(vae, x, 1e-3, torch.Generator().manual_seed(1))
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first and recon.item() > 0 and kl.item() > 0
+    with torch.no_grad():
+        z = vae.to_latent(x)
+    sched = CosineSchedule(1e-3)
+    opt = torch.optim.Adam(eps.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = denoising_loss(eps, torch.randn(z.shape, generator=g), z, sched,
+                              generator=torch.Generator().manual_seed(2))
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0]
+
+
+def test_preconditioning_gives_the_standard_gaussian_prior_when_untrained():
+    """With F = 0 the eps network is the exact score of d ~ N(0, I): its Tweedie estimate is the
+    Gaussian posterior mean c_skip d_t / alpha_t (-> 0, the background, at t = 1, not an error /
+    alpha_t), and the sampler of coupler.assim.diffusion draws from N(0, I)."""
+    eps = ConditionalEpsNet((2, 4), width=8, blocks=1, time_features=8, eta=1e-3)
+    sched = eps.schedule
+    zb = torch.randn(1, 2, 4).repeat(2000, 1, 1)
+    for tv in (1.0, 0.5):
+        t = torch.full((2000,), tv, dtype=torch.float64)
+        a, s = sched.alpha(t)[:, None, None], sched.sigma(t)[:, None, None]
+        a, s = a.double(), s.double()
+        dt = a * torch.randn_like(zb).double() + s * torch.randn_like(zb).double()
+        with torch.no_grad():
+            d0 = (dt - s * eps(dt, t, zb)) / a
+        torch.testing.assert_close(d0, dt * a / (a * a + s * s), rtol=1e-9, atol=1e-9)
+        if tv == 1.0:
+            assert d0.abs().max() < 1e-2
+    gens = member_generators(0, 0, range(2000))
+    d = sample(eps, zb, gens, sched, 100, stochastic=True)
+    assert abs(d.mean().item()) < 0.02
+    assert abs(d.std().item() - 1.0) < 0.05
+
+
+def _ckpt(tmp_path, shape=(1, 1, 16), variables=("x",)):
+    vae, eps = _nets(shape)
+    vae.set_normalization([1.0] * shape[0], [2.0] * shape[0])
+    vae.set_latent_scale(1.5)
+    arch = default_arch(shape, **TINY)
+    path = save_checkpoint(tmp_path / "ck.pt", vae, eps, {"arch": arch, "variables": list(variables),
+                                                          "latent_increment_std": 0.1,
+                                                          "summary": {"recon_rmse": {"x": 0.01}}, "note": (1, 2)})
+    return vae, eps, path
+
+
+def test_checkpoint_round_trip(tmp_path):
+    vae, eps, path = _ckpt(tmp_path)
+    ck = load_checkpoint(path, shape=(1, 1, 16), variables=["x"])
+    x = torch.randn(4, 1, 1, 16)
+    with torch.no_grad():
+        z = vae.to_latent(x)
+        torch.testing.assert_close(ck.vae.to_latent(x), z, rtol=0, atol=0)
+        torch.testing.assert_close(ck.vae.from_latent(z), vae.from_latent(z), rtol=0, atol=0)
+        t = torch.rand(4)
+        torch.testing.assert_close(ck.eps_net(z, t, z), eps(z, t, z), rtol=0, atol=0)
+    m = ck.meta
+    assert m["format_version"] == FORMAT_VERSION and m["shape"] == [1, 1, 16] and m["variables"] == ["x"]
+    assert m["normalization"] == {"mean": [1.0], "std": [2.0]} and m["latent_scale"] == 1.5
+    assert m["note"] == [1, 2] and m["latent_increment_std"] == 0.1 and m["summary"]["recon_rmse"]["x"] == 0.01
+    assert not ck.vae.training and not any(p.requires_grad for p in ck.eps_net.parameters())
+    assert ck.schedule.eta == 1e-3 and ck.shape == (1, 1, 16)
+    assert not list(tmp_path.glob(".*tmp*")), "no temporary file left behind"
+
+
+def test_checkpoint_mismatch_errors_name_the_file_and_both_sides(tmp_path):
+    _, _, path = _ckpt(tmp_path, shape=(3, 8, 8), variables=("u", "v", "h"))
+    where = "run.nml: &assim_nml checkpoint"
+    with pytest.raises(ValueError, match=r"run.nml: &assim_nml checkpoint = '.*ck.pt': trained on states "
+                       r"\(nvar, ny, nx\) = \(3, 8, 8\) with variables \['u', 'v', 'h'\]; the run expects "
+                       r"\(nvar, ny, nx\) = \(1, 1, 40\) \(&grid_nml nx = 40, ny = 1, variables = \['x'\]\)"):
+        load_checkpoint(path, shape=(1, 1, 40), variables=["x"], where=where)
+    with pytest.raises(ValueError, match=r"trained on variables \['u', 'v', 'h'\]; the run has &grid_nml "
+                       r"variables = \['u', 'v', 'eta'\]"):
+        load_checkpoint(path, shape=(3, 8, 8), variables=["u", "v", "eta"], where=where)
+    with pytest.raises(ValueError, match=r"checkpoint '.*nothere.pt': no such file"):
+        load_checkpoint(tmp_path / "nothere.pt")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"junk.pt': not a readable lodas checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 99
+    torch.save(payload, tmp_path / "v99.pt")
+    with pytest.raises(ValueError, match=r"format version 99 .* reads version 1"):
+        load_checkpoint(tmp_path / "v99.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"not a lodas checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    vae, eps = _nets((1, 1, 16))
+    with pytest.raises(ValueError, match=r"meta.bad: object is not plain checkpoint data"):
+        save_checkpoint(tmp_path / "x.pt", vae, eps, {"arch": default_arch((1, 1, 16), **TINY), "variables": ["x"],
+                                                      "latent_increment_std": 0.1, "bad": object()})
+    vae.set_latent_scale(1.0)
+    with pytest.raises(ValueError, match=r"meta needs 'latent_increment_std'"):
+        save_checkpoint(tmp_path / "x.pt", vae, eps, {"arch": default_arch((1, 1, 16), **TINY), "variables": ["x"]})
+
+
+class _Payload:
+    """Unpickling this would create a marker file (stands for arbitrary code in a foreign file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickled_object_is_refused_without_running_it(tmp_path):
+    _, _, path = _ckpt(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    marker = tmp_path / "code_ran"
+    payload["summary"] = _Payload(marker)
+    torch.save(payload, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"evil.pt': not a readable lodas checkpoint .*weights_only"):
+        load_checkpoint(tmp_path / "evil.pt", shape=(1, 1, 16), variables=["x"])
+    assert not marker.exists()

@@ -1,0 +1,179 @@
+"""`lodas train` (coupler.train): tiny Lorenz-96 configurations through the CLI, resumption, &train_nml checks."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bridges.namelist import NamelistError, load
+from coupler.io.checkpoints import load_checkpoint
+from coupler.train import random_shift, state_paths
+from tests.conftest import lodas
+
+torch.set_num_threads(1)
+
+TINY = """
+&l96_nml
+    n = 40
+/
+&coupler_nml
+    seed = 1
+/
+&grid_nml
+    nx = 40
+    ny = 1
+    variables = 'x'
+/
+&assim_nml
+    b_scale = 0.02
+    etkf_members = 20
+    inflation = 1.05
+    n_steps = 3
+/
+&obs_nml
+    network = 'all'
+    error_std = 1.0
+/
+&twin_nml
+    model = 'l96'
+    spinup_steps = 200
+    clim_samples = 100
+    clim_stride = 5
+/
+&train_nml
+    checkpoint = '{ckpt}'
+    seed = 5
+    n_cycles = 40
+    spinup_cycles = 5
+    background_sources = '3dvar', 'etkf'
+    val_fraction = 0.25
+    vae_epochs = 2
+    prior_epochs = 2
+    batch_size = 16
+    latent_channels = 2
+    width = 4
+    levels = 1
+    prior_width = 8
+    prior_blocks = 1
+    eval_pairs = 4
+    threads = 1
+/
+"""
+
+
+def _nml(tmp_path, name="train.nml", ckpt=None, extra=""):
+    path = tmp_path / name
+    path.write_text(TINY.format(ckpt=ckpt or tmp_path / "ck.pt") + extra)
+    return path
+
+
+def _last_json(proc):
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_lodas_train_writes_a_loadable_checkpoint(tmp_path):
+    proc = lodas("train", str(_nml(tmp_path)), "--json", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    s = _last_json(proc)
+    assert s["complete"] and s["vae"]["epochs"] == 2 and s["prior"]["epochs"] == 2
+    assert set(s["vae"]["recon_rmse"]) == {"x"} and np.isfinite(s["prior"]["val_loss"])
+    assert set(s["eval"]) == {"3dvar", "etkf"} and s["checkpoint"] == str(tmp_path / "ck.pt")
+    assert "reconstruction RMSE" in proc.stdout and "prior samples" in proc.stdout
+    ck = load_checkpoint(tmp_path / "ck.pt", shape=(1, 1, 40), variables=["x"])
+    m = ck.meta
+    assert m["shape"] == [1, 1, 40] and m["variables"] == ["x"] and m["latent_shape"] == [2, 20]
+    assert len(m["normalization"]["mean"]) == 1 and m["normalization"]["std"][0] > 1
+    assert m["latent_scale"] > 0 and m["arch"]["width"] == 4 and "&train_nml" in m["train_namelist"]
+    assert m["summary"]["vae"]["recon_rmse"]["x"] == s["vae"]["recon_rmse"]["x"]
+    assert not any(p.exists() for p in state_paths(tmp_path / "ck.pt")), "state files removed (keep_state false)"
+    z = ck.vae.to_latent(torch.zeros(2, 1, 1, 40) + 2.0)
+    assert ck.eps_net(z, torch.full((2,), 0.5), z).shape == (2, 2, 20)
+
+
+def test_resume_continues_and_equals_an_uninterrupted_run(tmp_path):
+    env = {"OMP_NUM_THREADS": "1"}
+    full = lodas("train", str(_nml(tmp_path, "a.nml", tmp_path / "a.pt")), "--json", env=env)
+    assert full.returncode == 0, full.stderr
+    nml = _nml(tmp_path, "b.nml", tmp_path / "b.pt")
+    first = lodas("train", str(nml), "--max-epochs", "1", "--json", env=env)         # "interrupted" after 1 epoch
+    assert first.returncode == 0, first.stderr
+    s1 = _last_json(first)
+    assert not s1["complete"] and s1["vae"]["epochs"] == 1 and s1["prior"]["epochs"] == 0
+    assert not (tmp_path / "b.pt").exists() and all(p.exists() for p in state_paths(tmp_path / "b.pt"))
+    second = lodas("train", str(nml), "--resume", "--max-epochs", "2", "--json", env=env)
+    s2 = _last_json(second)
+    assert "resume:" in second.stderr and (s2["vae"]["epochs"], s2["prior"]["epochs"]) == (2, 1)
+    last = lodas("train", str(nml), "--resume", "--json", env=env)
+    assert last.returncode == 0, last.stderr
+    s3 = _last_json(last)
+    assert s3["complete"] and (s3["vae"]["epochs"], s3["prior"]["epochs"]) == (2, 2)
+    # bit for bit: same seed, same thread count
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in "ab")
+    for key in ("vae_state", "eps_state"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k}"
+    sa, sb = _last_json(full), s3
+    assert sa["prior"]["val_loss"] == sb["prior"]["val_loss"] and sa["vae"]["recon_rmse"] == sb["vae"]["recon_rmse"]
+    # a changed configuration is not resumed silently
+    state_nml = _nml(tmp_path, "c.nml", tmp_path / "c.pt")
+    assert lodas("train", str(state_nml), "--max-epochs", "1", env=env).returncode == 0
+    bad = lodas("train", str(state_nml), "--resume", "--set", "train_nml.lr=0.01", env=env)
+    assert bad.returncode == 2 and "written for another configuration (train.lr: 0.002 (state) vs 0.01 (now))" \
+        in bad.stderr
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("vae_epochs = 0", r"&train_nml vae_epochs = 0: expected a value >= 1"),
+    ("background_sources = '4dvar'", r"&train_nml background_sources = '4dvar': expected one of '3dvar', 'etkf'"),
+    ("val_fraction = 1.5", r"&train_nml val_fraction = 1.5: expected a value < 1"),
+    ("lr_schedule = 'cosin'", r"&train_nml lr_schedule = 'cosin': .*did you mean 'cosine'"),
+    ("epochs = 3", r"&train_nml: unknown key 'epochs'"),
+])
+def test_bad_train_nml_values_name_group_and_key(tmp_path, setting, message):
+    path = _nml(tmp_path)
+    path.write_text(path.read_text().replace("    threads = 1\n", f"    threads = 1\n    {setting}\n"))
+    with pytest.raises(NamelistError, match=message):
+        load(path)
+
+
+def test_train_refuses_evaluation_seeds_and_missing_group(tmp_path):
+    path = _nml(tmp_path)
+    proc = lodas("train", str(path), "--set", "train_nml.seed=1")
+    assert proc.returncode == 2 and "&train_nml seed = 1 is an evaluation seed" in proc.stderr
+    proc = lodas("train", str(path), "--set", "train_nml.levels=4")
+    assert proc.returncode == 2 and "&train_nml levels = 4" in proc.stderr
+    bare = tmp_path / "bare.nml"
+    bare.write_text(TINY.split("&train_nml")[0])
+    proc = lodas("train", str(bare))
+    assert proc.returncode == 2 and "needs a &train_nml group" in proc.stderr
+    assert load(bare).train is None
+
+
+def test_random_shift_moves_pairs_together():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    y = x + 1000
+    sx, sy = random_shift([x, y], g, (4, 1))
+    torch.testing.assert_close(sy - sx, torch.full_like(sx, 1000.0))
+    for b in range(2):
+        hits = [(dy, dx) for dy in (0, 4) for dx in range(8) if torch.equal(sx[b], torch.roll(x[b], (-dy, -dx), (1, 2)))]
+        assert len(hits) == 1
+
+
+def test_run_etkf_records_forecast_means():
+    from coupler.assim.etkf import initial_ensemble, run_etkf
+    from coupler.assim.networks import make_network, synthesize
+    from coupler.models.lorenz96 import Lorenz96
+
+    m = Lorenz96()
+    truth = np.stack([m.step(m.default_initial_state() + 1.0, 10 + k) for k in range(3)])
+    net = make_network("all", (1, 1, 40), [0])
+    obs = [synthesize(truth[c], net, [1.0], np.random.default_rng(c)) for c in range(3)]
+    E0 = initial_ensemble(truth[0], 10, 1.0, np.random.default_rng(0))
+    s = run_etkf(m.step, E0, obs, truth, 1, 1.0, record_backgrounds=True)
+    assert s["backgrounds"].shape == (3, 1, 1, 40)
+    np.testing.assert_allclose(s["backgrounds"][0], m.step(E0, 1).mean(0))
+    assert "backgrounds" not in run_etkf(m.step, E0, obs, truth, 1, 1.0)
