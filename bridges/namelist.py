@@ -126,6 +126,9 @@ class AssimNml:
     lo_optimizer: str = _key("adam", doc="lo-sda: latent optimizer", choices=("adam", "sgd"))
     prior_weight: float = _key(1.0, doc="lo-sda: weight of the latent background term (x the noise-level "
                                "consistent lambda_t)", ge=0)
+    background_error: float = _key(0.0, doc="diffusion methods: the background's expected relative error e_b "
+                                   "(RMS of (x_b - x_t) / climatological std per variable) that the prior is "
+                                   "conditioned on; 0: the mean of the checkpoint's training pairs", ge=0)
     dps_zeta: float = _key(1.0, doc="dps: guidance step size", gt=0)
     sda_gamma: float = _key(1e-2, doc="sda: variance factor of the Gaussian likelihood approximation", ge=0)
     precision: str = _key("float32", doc="diffusion networks: float32, or bf16 autocast (GPU)",

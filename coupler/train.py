@@ -36,7 +36,8 @@ Kolmogorov forcing ``sin(2 pi k y / L_y)`` is invariant under ``y -> y + L_y/k``
    Validation: the loss and the reconstruction RMSE ``D(mu(x))`` per variable, physical units.
 2. Freeze the VAE; ``latent_scale`` = std of ``mu`` over the training states.
 3. Prior (:class:`~coupler.assim.latent.ConditionalEpsNet`) on the normalised latent increment
-   ``d = (to_latent(x_t) - z_b) / s_d`` conditioned on ``z_b = to_latent(x_b)``, with ``s_d``
+   ``d = (to_latent(x_t) - z_b) / s_d`` conditioned on ``z_b = to_latent(x_b)`` and on the pair's
+   relative background error ``e_b`` (:func:`~coupler.assim.latent.prior_condition`), with ``s_d``
    (checkpoint ``latent_increment_std``) the RMS of ``to_latent(x_t) - to_latent(x_b)`` over
    the training pairs, by :func:`coupler.assim.diffusion.denoising_loss` (``t ~ U(0,1)``,
    ``d_t = alpha_t d + sigma_t eps``, loss ``E ||eps_hat - eps||^2`` summed over the latent
@@ -69,6 +70,7 @@ import numpy as np
 import torch
 
 from bridges.namelist import NamelistError
+from coupler.assim.latent import prior_condition, relative_error
 
 log = logging.getLogger("lodas")
 
@@ -314,6 +316,7 @@ class _Run:
         self.history: list[dict] = []
         self.wall_s = 0.0
         self.latent_errors: dict = {}
+        self.relative_errors: dict = {}
 
     @property
     def increment_std(self) -> float:
@@ -330,7 +333,7 @@ class _Run:
                 "vae_epoch": self.vae_epoch, "prior_epoch": self.prior_epoch, "step": self.step,
                 "vae": self.vae.state_dict(), "eps": self.eps_net.state_dict(), "ema": self.ema.state_dict(),
                 "opt": self.opt.state_dict(), "history": self.history, "wall_s": self.wall_s,
-                "latent_errors": self.latent_errors}
+                "latent_errors": self.latent_errors, "relative_errors": self.relative_errors}
 
     def restore(self, st: dict) -> None:
         self.vae.load_state_dict(st["vae"])
@@ -339,6 +342,7 @@ class _Run:
         self.vae_epoch, self.prior_epoch = int(st["vae_epoch"]), int(st["prior_epoch"])
         self.history, self.wall_s = list(st["history"]), float(st["wall_s"])
         self.latent_errors = dict(st["latent_errors"])
+        self.relative_errors = dict(st["relative_errors"])
         if st["phase"] != "vae":
             self.start_prior()
             self.phase = st["phase"]
@@ -403,8 +407,10 @@ def _prior_validate(run: _Run, pairs: Pairs, repeats: int = 2) -> float:
         for s in range(len(pairs.sources)):
             xt_all, xb_all = pairs.truth[pairs.n_train:], pairs.background[s, pairs.n_train:]
             for sl in _chunks(xt_all.shape[0], 256):
-                c = vae.to_latent(xb_all[sl].to(run.device))
-                d = (vae.to_latent(xt_all[sl].to(run.device)) - c) / run.increment_std
+                xt, xb = xt_all[sl].to(run.device), xb_all[sl].to(run.device)
+                zb = vae.to_latent(xb)
+                d = (vae.to_latent(xt) - zb) / run.increment_std
+                c = prior_condition(zb, relative_error(vae, xb, xt))
                 for _ in range(repeats):
                     total += float(denoising_loss(net, d, c, schedule, generator=g)) * d.shape[0]
                     n += d.shape[0]
@@ -422,6 +428,24 @@ def _latent_scale(run: _Run, states: torch.Tensor) -> float:
             n += mu.numel()
     mean = s1 / n
     return math.sqrt(max(s2 / n - mean * mean, 1e-12))
+
+
+def _relative_errors(run: _Run, pairs: Pairs) -> dict:
+    """Mean of :func:`~coupler.assim.latent.relative_error` over the training pairs, per source and
+    ``'all'`` (``'all'``: the default ``e_b`` of ``&assim_nml background_error = 0``)."""
+    from coupler.assim.latent import relative_error
+
+    out, tot = {}, 0.0
+    with torch.no_grad():
+        for s, src in enumerate(pairs.sources):
+            acc = 0.0
+            for sl in _chunks(pairs.n_train, 512):
+                acc += float(relative_error(run.vae, pairs.background[s, sl].to(run.device),
+                                            pairs.truth[sl].to(run.device)).sum())
+            out[src] = acc / pairs.n_train
+            tot += acc
+    out["all"] = tot / (pairs.n_train * len(pairs.sources))
+    return out
 
 
 def _latent_errors(run: _Run, pairs: Pairs) -> dict:
@@ -461,11 +485,13 @@ def _evaluate(run: _Run, pairs: Pairs) -> dict:
             xt = pairs.truth[pairs.n_train + chunk].to(run.device)
             xb = pairs.background[s, pairs.n_train + chunk].to(run.device)
             with torch.no_grad():
-                cond = vae.to_latent(xb).repeat_interleave(M, dim=0)
+                zb = vae.to_latent(xb)
+                cond = prior_condition(zb, relative_error(vae, xb, xt)).repeat_interleave(M, dim=0)
                 gens = [g for j in chunk for g in member_generators(t.seed, int(j) + 100000 * s, range(M),
                                                                      device=run.device)]
-                d = sample(run.ema, cond, gens, schedule, cfg.assim.n_steps, stochastic=cfg.assim.stochastic)
-                z = cond + run.increment_std * d
+                d = sample(run.ema, cond, gens, schedule, cfg.assim.n_steps, stochastic=cfg.assim.stochastic,
+                           shape=zb.shape[1:])
+                z = zb.repeat_interleave(M, dim=0) + run.increment_std * d
                 xs = vae.from_latent(z).reshape(len(chunk), M, *xt.shape[1:]).double()
                 recon = vae.from_latent(vae.to_latent(xt)).double()
             xt64 = xt.double()
@@ -599,6 +625,9 @@ def train(cfg, *, resume: bool = False, max_epochs: int | None = None) -> dict:
             run.start_prior()
             errs = _latent_errors(run, pairs)
             run.latent_errors = errs
+            run.relative_errors = _relative_errors(run, pairs)
+            log.info("background relative error e_b (mean per source): %s",
+                     ", ".join(f"{k} {v:.4f}" for k, v in run.relative_errors.items()))
             log.info("VAE frozen; latent shape %s, latent_scale %.4f; background error in unit latents (RMS): %s",
                      run.vae.latent_shape, float(run.vae.latent_scale),
                      ", ".join(f"{k} {v:.4f}" for k, v in errs.items()))
@@ -623,8 +652,9 @@ def train(cfg, *, resume: bool = False, max_epochs: int | None = None) -> dict:
                 if t.augment:
                     xt, xb = random_shift([xt, xb], g, steps)
                 with torch.no_grad():
-                    c = run.vae.to_latent(xb)
-                    d = (run.vae.to_latent(xt) - c) / run.increment_std
+                    zb = run.vae.to_latent(xb)
+                    d = (run.vae.to_latent(xt) - zb) / run.increment_std
+                    c = prior_condition(zb, relative_error(run.vae, xb, xt))
                 for group in run.opt.param_groups:
                     group["lr"] = lr_at(run.step, total, t.lr, t.lr_schedule)
                 loss = denoising_loss(run.eps_net, d, c, schedule, generator=gd)
@@ -662,7 +692,7 @@ def train(cfg, *, resume: bool = False, max_epochs: int | None = None) -> dict:
             "n_train_pairs": int(S * n_tr), "n_val_pairs": int(S * pairs.n_val), "n_train_states": int(n_states),
             "data": pairs.info, "data_s": data_s,
             "latent_shape": list(run.vae.latent_shape), "latent_scale": float(run.vae.latent_scale),
-            "latent_error_rms": run.latent_errors,
+            "latent_error_rms": run.latent_errors, "background_error": run.relative_errors,
             "vae": {"epochs": run.vae_epoch, **({k: vae_rows[-1][k] for k in ("train_loss", "val_loss", "recon_rmse",
                                                                               "recon_rmse_all")} if vae_rows else {})},
             "prior": {"epochs": run.prior_epoch,
@@ -679,7 +709,7 @@ def train(cfg, *, resume: bool = False, max_epochs: int | None = None) -> dict:
             meta = {"arch": run.arch, "variables": list(cfg.grid.variables), "schedule_eta": t.schedule_eta,
                     "train_namelist": _namelist_text(cfg), "summary": summary, "testbed": cfg.twin.model,
                     "train_seed": t.seed, "ema_decay": t.ema_decay,
-                    "latent_increment_std": run.increment_std}
+                    "latent_increment_std": run.increment_std, "background_error": run.relative_errors}
             ema_vae, ema_net = run.vae.cpu(), run.ema.cpu()
             save_checkpoint(ckpt, ema_vae, ema_net, meta)
             summary["checkpoint_bytes"] = ckpt.stat().st_size

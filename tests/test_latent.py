@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from coupler.assim.diffusion import CosineSchedule, denoising_loss, member_generators, sample
-from coupler.assim.latent import ConditionalEpsNet, StateVAE, build_networks, default_arch, vae_loss
+from coupler.assim.latent import (ConditionalEpsNet, StateVAE, build_networks, default_arch, prior_condition,
+                                  relative_error, vae_loss)
 from coupler.io.checkpoints import FORMAT_VERSION, load_checkpoint, save_checkpoint
 
 torch.set_num_threads(1)
@@ -34,7 +35,7 @@ def test_shapes_and_physical_units(shape, latent):
     torch.testing.assert_close(vae.to_latent(x), mu / 2.0)
     torch.testing.assert_close(vae.from_latent(mu / 2.0), vae.decode(mu))
     z = vae.to_latent(x)
-    out = eps(z, torch.rand(3), z)
+    out = eps(z, torch.rand(3), prior_condition(z, torch.tensor([0.1, 0.2, 0.3])))
     assert out.shape == z.shape and out.dtype == z.dtype
     with pytest.raises(ValueError, match=r"expected states \(B, nvar, ny, nx\)"):
         vae.encode(torch.zeros(2, shape[0] + 1, *shape[1:]))
@@ -54,6 +55,26 @@ def test_periodic_translation_equivariance(shape):
     z = torch.randn(2, *vae.latent_shape)
     torch.testing.assert_close(vae.decode(torch.roll(z, 1, dims=-1)), torch.roll(vae.decode(z), 4, dims=-1),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_relative_error_and_prior_condition():
+    vae, eps = _nets((2, 4, 4))
+    vae.set_normalization([0.0, 10.0], [2.0, 4.0])
+    x_t = torch.zeros(2, 2, 4, 4)
+    x_b = x_t.clone()
+    x_b[0, 0] += 2.0                      # sample 0: error 1 std in u everywhere, none in h
+    x_b[1, 1] += 4.0                      # sample 1: the same in h
+    x_b[1, 0] -= 2.0
+    torch.testing.assert_close(relative_error(vae, x_b, x_t), torch.tensor([0.5 ** 0.5, 1.0]))
+    z = torch.randn(2, *vae.latent_shape)
+    c = prior_condition(z, torch.tensor([0.5, 2.0]))
+    assert c.shape == (2, vae.latent_shape[0] + 1, *vae.latent_shape[1:])
+    torch.testing.assert_close(c[:, :-1], z)
+    torch.testing.assert_close(c[:, -1], torch.log(torch.tensor([0.5, 2.0]))[:, None, None].expand(2, 2, 2))
+    with pytest.raises(ValueError, match="must be > 0"):
+        prior_condition(z, 0.0)
+    with pytest.raises(ValueError, match=r"cond \(prior_condition\) of shape \(2, 3, 2, 2\)"):
+        eps(z, torch.rand(2), z)
 
 
 def test_bad_arch_and_grids_are_refused():
@@ -87,7 +108,7 @@ def test_vae_and_prior_losses_decrease():
     opt = torch.optim.Adam(eps.parameters(), lr=1e-2)
     losses = []
     for _ in range(30):
-        loss = denoising_loss(eps, torch.randn(z.shape, generator=g), z, sched,
+        loss = denoising_loss(eps, torch.randn(z.shape, generator=g), prior_condition(z, 0.1), sched,
                               generator=torch.Generator().manual_seed(2))
         losses.append(loss.item())
         opt.zero_grad()
@@ -102,19 +123,21 @@ def test_preconditioning_gives_the_standard_gaussian_prior_when_untrained():
     alpha_t), and the sampler of coupler.assim.diffusion draws from N(0, I)."""
     eps = ConditionalEpsNet((2, 4), width=8, blocks=1, time_features=8, eta=1e-3)
     sched = eps.schedule
-    zb = torch.randn(1, 2, 4).repeat(2000, 1, 1)
+    zb = prior_condition(torch.randn(1, 2, 4).repeat(2000, 1, 1), 0.1)
     for tv in (1.0, 0.5):
         t = torch.full((2000,), tv, dtype=torch.float64)
         a, s = sched.alpha(t)[:, None, None], sched.sigma(t)[:, None, None]
         a, s = a.double(), s.double()
-        dt = a * torch.randn_like(zb).double() + s * torch.randn_like(zb).double()
+        dt = a * torch.randn(2000, 2, 4).double() + s * torch.randn(2000, 2, 4).double()
         with torch.no_grad():
             d0 = (dt - s * eps(dt, t, zb)) / a
+        assert d0.shape == (2000, 2, 4)
         torch.testing.assert_close(d0, dt * a / (a * a + s * s), rtol=1e-9, atol=1e-9)
         if tv == 1.0:
             assert d0.abs().max() < 1e-2
     gens = member_generators(0, 0, range(2000))
-    d = sample(eps, zb, gens, sched, 100, stochastic=True)
+    d = sample(eps, zb, gens, sched, 100, stochastic=True, shape=(2, 4))
+    assert d.shape == (2000, 2, 4)
     assert abs(d.mean().item()) < 0.02
     assert abs(d.std().item() - 1.0) < 0.05
 
@@ -139,7 +162,8 @@ def test_checkpoint_round_trip(tmp_path):
         torch.testing.assert_close(ck.vae.to_latent(x), z, rtol=0, atol=0)
         torch.testing.assert_close(ck.vae.from_latent(z), vae.from_latent(z), rtol=0, atol=0)
         t = torch.rand(4)
-        torch.testing.assert_close(ck.eps_net(z, t, z), eps(z, t, z), rtol=0, atol=0)
+        c = prior_condition(z, 0.2)
+        torch.testing.assert_close(ck.eps_net(z, t, c), eps(z, t, c), rtol=0, atol=0)
     m = ck.meta
     assert m["format_version"] == FORMAT_VERSION and m["shape"] == [1, 1, 16] and m["variables"] == ["x"]
     assert m["normalization"] == {"mean": [1.0], "std": [2.0]} and m["latent_scale"] == 1.5

@@ -31,7 +31,7 @@ def tiny_checkpoint(path: Path, shape=(1, 1, 40), variables=("x",)) -> Path:
     vae.set_normalization([2.3] * shape[0], [3.6] * shape[0])
     vae.set_latent_scale(0.5)
     return save_checkpoint(path, vae, eps, {"arch": arch, "variables": list(variables),
-                                            "latent_increment_std": 0.3})
+                                            "latent_increment_std": 0.3, "background_error": {"all": 0.15}})
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bridges.namelist import NamelistError, load
+from coupler.assim.latent import prior_condition
 from coupler.io.checkpoints import load_checkpoint
 from coupler.train import random_shift, state_paths
 from tests.conftest import lodas
@@ -89,7 +90,10 @@ def test_lodas_train_writes_a_loadable_checkpoint(tmp_path):
     assert m["summary"]["vae"]["recon_rmse"]["x"] == s["vae"]["recon_rmse"]["x"]
     assert not any(p.exists() for p in state_paths(tmp_path / "ck.pt")), "state files removed (keep_state false)"
     z = ck.vae.to_latent(torch.zeros(2, 1, 1, 40) + 2.0)
-    assert ck.eps_net(z, torch.full((2,), 0.5), z).shape == (2, 2, 20)
+    assert ck.eps_net(z, torch.full((2,), 0.5), prior_condition(z, 0.1)).shape == (2, 2, 20)
+    e = m["background_error"]
+    assert set(e) == {"3dvar", "etkf", "all"} and 0 < min(e.values()) and max(e.values()) < 1
+    assert min(e["3dvar"], e["etkf"]) <= e["all"] <= max(e["3dvar"], e["etkf"]) and m["latent_increment_std"] > 0
 
 
 def test_resume_continues_and_equals_an_uninterrupted_run(tmp_path):

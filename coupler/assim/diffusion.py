@@ -538,14 +538,15 @@ def make_guidance(method: str, **options):
 @torch.no_grad()
 def sample(eps_model, cond: Tensor, generators: list[torch.Generator], schedule: CosineSchedule,
            n_steps: int, *, guidance: Guidance | None = None, misfit: Misfit | None = None,
-           stochastic: bool = True) -> Tensor:
+           stochastic: bool = True, shape: Sequence[int] | None = None) -> Tensor:
     r"""Reverse diffusion from ``z_1 ~ N(0, I)`` to ``z_0``: an ensemble of analysis latents.
 
     Args:
-        eps_model: ``(z_t (B, *S), t (B,), cond (B, *S)) -> (B, *S)``, ``t`` the diffusion time in
+        eps_model: ``(z_t (B, *S), t (B,), cond (B, *C)) -> (B, *S)``, ``t`` the diffusion time in
             ``[0, 1]`` (all members share it).
-        cond: background latents ``(B, *S)``, float32 or float64, on any device; sets the
-            dtype and device of the sampling and the latent shape ``S``.
+        cond: the conditioning ``(B, *C)`` (background latents, ...), float32 or float64, on any
+            device; sets the dtype and device of the sampling, and the latent shape ``S = C``
+            unless ``shape`` is given.
         generators: ``B`` per-member generators (:func:`member_generators`); the initial
             ``z_1`` and every re-noising draw come from member ``m``'s own generator.
         schedule: the noise schedule.
@@ -555,6 +556,7 @@ def sample(eps_model, cond: Tensor, generators: list[torch.Generator], schedule:
         misfit: the :class:`Misfit`, required with guidance (unused without).
         stochastic: ``True``: DDPM ancestral re-noising (fresh noise at every step, "eta = 1");
             ``False``: deterministic DDIM ("eta = 0", noise only in ``z_1``).
+        shape: the latent shape ``S`` when it differs from ``cond``'s.
 
     Returns:
         ``z_0`` ``(B, *S)``, the analysis latents, detached, dtype and device of ``cond``.
@@ -574,7 +576,7 @@ def sample(eps_model, cond: Tensor, generators: list[torch.Generator], schedule:
     gens = list(generators)
     if not all(isinstance(g, torch.Generator) for g in gens):
         raise ValueError("sample: generators must be torch.Generator objects (see member_generators)")
-    B, S = cond.shape[0], tuple(cond.shape[1:])
+    B, S = cond.shape[0], tuple(cond.shape[1:]) if shape is None else tuple(int(n) for n in shape)
     if len(gens) != B:
         raise ValueError(f"sample: {len(gens)} generators for a batch of {B} members "
                          "(cond.shape[0]): one generator per member")

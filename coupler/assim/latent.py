@@ -41,7 +41,14 @@ on latents of unit variance.
 **Conditional eps network** over the *normalised latent increment* ``d = (z - z_b) / s_d``
 (``z`` the truth's or analysis's unit-scale latent, ``z_b`` the background's, ``s_d`` the RMS
 latent increment of the training pairs, checkpoint ``latent_increment_std``):
-``eps_net(d_t, t, z_b) ~ E[eps | d_t, z_b]`` with ``d_t = alpha_t d + sigma_t eps``. ``d`` has
+``eps_net(d_t, t, c) ~ E[eps | d_t, c]`` with ``d_t = alpha_t d + sigma_t eps`` and the
+condition ``c = prior_condition(z_b, e_b)``: the background latent and the background's
+*relative error* ``e_b`` (:func:`relative_error`: RMS of ``(x_b - x_t) / std_v`` over the
+state, ``std_v`` the per-variable normalisation), one constant channel ``log e_b``. A prior
+trained on backgrounds of several qualities (cycled 3D-Var and ETKF) and conditioned on ``z_b``
+alone learns the mixture: too narrow for a poor background, too wide for a good one. Given
+``e_b`` (the training pair's actual error; in assimilation ``&assim_nml background_error``, a
+tuned constant like 3D-Var's B scale), the prior's spread follows the background's quality. ``d`` has
 unit variance, as the variance-preserving schedule assumes, so the reverse diffusion spends its
 steps on the scales of the background error rather than on the climate's (see
 :mod:`coupler.assim.latent_da`). Input: the preconditioned noisy increment and ``z_b``,
@@ -63,7 +70,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["StateVAE", "ConditionalEpsNet", "build_networks", "default_arch", "vae_loss", "ARCH_KEYS"]
+__all__ = ["StateVAE", "ConditionalEpsNet", "build_networks", "default_arch", "vae_loss", "ARCH_KEYS",
+           "prior_condition", "relative_error"]
 
 #: Keys of the ``arch`` dict (plain ints or lists of ints; ``schedule_eta`` a float).
 ARCH_KEYS = ("shape", "latent_channels", "width", "levels", "channel_mult", "blocks",
@@ -280,7 +288,8 @@ def vae_loss(vae: StateVAE, x: Tensor, kl_weight: float, generator: torch.Genera
 class ConditionalEpsNet(nn.Module):
     r"""Noise prediction over normalised latent increments, conditioned on the background latent.
 
-    ``forward(d_t, t, z_b) -> eps_hat``: ``d_t``, ``z_b`` and the result ``(B, *latent_shape)``,
+    ``forward(d_t, t, cond) -> eps_hat``: ``d_t`` and the result ``(B, *latent_shape)``, ``cond``
+    ``(B, C + 1, ...)`` from :func:`prior_condition` (``z_b`` and ``log e_b``),
     ``t`` ``(B,)`` the diffusion time in ``[0, 1]`` (a scalar is broadcast), for the schedule
     ``d_t = alpha_t d + sigma_t eps`` of :class:`~coupler.assim.diffusion.CosineSchedule` with
     floor ``eta`` (which the network must therefore know); ``d = (z - z_b) / s_d`` has unit
@@ -300,7 +309,7 @@ class ConditionalEpsNet(nn.Module):
     large noise (``F``'s weight ``c_out/s -> 1/s``), the network's inputs have unit variance at
     every noise level, and the eps loss weights the error of ``D`` by ``c_in^2``.
 
-    Architecture of ``F``: ``conv(concat[c_in x, z_b]) -> blocks x ResBlock(FiLM(t)) -> norm,
+    Architecture of ``F``: ``conv(concat[c_in x, cond]) -> blocks x ResBlock(FiLM(t)) -> norm,
     SiLU, conv`` (output convolution zero-initialised: untrained, the network is the exact score
     of ``d ~ N(0, I)``). Time embedding: ``[sin(w_k t), cos(w_k t)]`` with ``time_features/2``
     log-spaced ``w_k`` in ``[1, 1000]``, then an MLP.
@@ -329,7 +338,7 @@ class ConditionalEpsNet(nn.Module):
         emb = 4 * time_features
         self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(1000.0), time_features // 2)))
         self.time_mlp = nn.Sequential(nn.Linear(time_features, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.conv_in = _conv(d, 2 * c, width)
+        self.conv_in = _conv(d, 2 * c + 1, width)
         self.blocks = nn.ModuleList([_ResBlock(d, width, width, emb_dim=emb) for _ in range(blocks)])
         self.norm_out = _norm(width)
         self.conv_out = _conv(d, width, c)
@@ -347,10 +356,11 @@ class ConditionalEpsNet(nn.Module):
         s = sig / a
         return 1.0 / a, s, torch.rsqrt(s * s + 1.0)
 
-    def forward(self, d_t: Tensor, t: Tensor | float, z_b: Tensor) -> Tensor:
-        if d_t.shape[1:] != self.latent_shape or z_b.shape != d_t.shape:
-            raise ValueError(f"ConditionalEpsNet: expected d_t and z_b of shape (B, {self.latent_shape}), got "
-                             f"{tuple(d_t.shape)} and {tuple(z_b.shape)}")
+    def forward(self, d_t: Tensor, t: Tensor | float, cond: Tensor) -> Tensor:
+        want = (d_t.shape[0], self.latent_shape[0] + 1, *self.latent_shape[1:])
+        if d_t.shape[1:] != self.latent_shape or tuple(cond.shape) != want:
+            raise ValueError(f"ConditionalEpsNet: expected d_t of shape (B, {self.latent_shape}) and cond "
+                             f"(prior_condition) of shape {want}, got {tuple(d_t.shape)} and {tuple(cond.shape)}")
         dtype = self.conv_in.weight.dtype
         B = d_t.shape[0]
         t = torch.as_tensor(t, device=d_t.device).reshape(-1).expand(B)
@@ -359,12 +369,30 @@ class ConditionalEpsNet(nn.Module):
         x = d_t.to(torch.float64) * inv_a.reshape(view)
         ang = t.to(dtype)[:, None] * self.freqs.to(dtype)
         emb = self.time_mlp(torch.cat([torch.sin(ang), torch.cos(ang)], dim=1))
-        h = self.conv_in(torch.cat([(x * c_in.reshape(view)).to(dtype), z_b.to(dtype)], dim=1))
+        h = self.conv_in(torch.cat([(x * c_in.reshape(view)).to(dtype), cond.to(dtype)], dim=1))
         for block in self.blocks:
             h = block(h, emb)
         f = self.conv_out(F.silu(self.norm_out(h))).to(torch.float64)
         eps = c_in.reshape(view) * (s.reshape(view) * c_in.reshape(view) * x - f)
         return eps.to(d_t.dtype)
+
+
+def relative_error(vae: StateVAE, x_b: Tensor, x_t: Tensor) -> Tensor:
+    """``e_b`` per sample, ``(B,)``: RMS over the state of ``(x_b - x_t) / std_v``, ``std_v`` the
+    VAE's per-variable normalisation (dimensionless; Lorenz-96: 0.45 / 3.6 = 0.125 for a
+    3D-Var background)."""
+    err = (x_b.to(vae.norm_std.dtype) - x_t.to(vae.norm_std.dtype)) / vae.norm_std[:, None, None]
+    return err.pow(2).mean(dim=(1, 2, 3)).sqrt()
+
+
+def prior_condition(z_b: Tensor, error: Tensor | float) -> Tensor:
+    """The eps network's condition: ``z_b`` ``(B, *latent_shape)`` with one more channel holding
+    ``log e_b`` (``error``: a number or ``(B,)``, > 0), shape ``(B, C + 1, ...)``."""
+    e = torch.as_tensor(error, dtype=z_b.dtype, device=z_b.device).reshape(-1)
+    if not bool(torch.all(e > 0)):
+        raise ValueError(f"prior_condition: the background's relative error must be > 0, got {e.tolist()[:4]}")
+    level = torch.log(e).expand(z_b.shape[0]).reshape((-1,) + (1,) * (z_b.ndim - 1))
+    return torch.cat([z_b, level.expand(z_b.shape[0], 1, *z_b.shape[2:])], dim=1)
 
 
 def default_arch(shape: Sequence[int], **overrides) -> dict:

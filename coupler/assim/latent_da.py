@@ -10,8 +10,10 @@ One analysis of a background ``x_b`` (``(nvar, ny, nx)``, physical units) with o
    the RMS latent increment of the training pairs (checkpoint ``latent_increment_std``): the
    analysis latent lies within a background error of ``z_b``, a small fraction of the climate's
    spread, so diffusing ``z_a`` itself would spend the noise schedule on scales the analysis
-   never visits, while ``d`` has unit variance as the VP schedule assumes. For each member
-   ``m``: run the reverse diffusion of ``p(d | z_b)`` learnt by the checkpoint's
+   never visits, while ``d`` has unit variance as the VP schedule assumes. The prior is also
+   conditioned on the background's relative error ``e_b`` (``&assim_nml background_error``, a
+   tuned constant, or the training mean), so its spread follows the quality of the backgrounds
+   the cycle produces (:mod:`coupler.assim.latent`). For each member ``m``: run the reverse diffusion of ``p(d | z_b, e_b)`` learnt by the checkpoint's
    noise-prediction network, from ``d_1 ~ N(0, I)`` to ``d_0``, with the noise of member ``m``
    drawn from its own stream ``(seed, cycle, m)``, guided towards ``y`` through the decoder by
    the misfit of the analysis that ``d`` stands for (step 3),
@@ -71,8 +73,10 @@ class LatentDiffusionAssimilation:
     Args:
         vae: the checkpoint's autoencoder, with ``to_latent(x)`` and ``from_latent(z)``
             (physical states ``(B, nvar, ny, nx)`` <-> unit-scale latents ``(B, *L)``).
-        eps_net: the prior's noise-prediction network ``eps(d_t, t, z_b)``.
+        eps_net: the prior's noise-prediction network ``eps(d_t, t, prior_condition(z_b, e_b))``.
         increment_std: ``s``, the RMS latent increment of the training pairs.
+        background_error: ``e_b``, the background's relative error the prior is conditioned on
+            (:func:`coupler.assim.latent.prior_condition`).
         schedule: the noise schedule the prior was trained with.
         guidance: a guidance object of :mod:`coupler.assim.diffusion` (``None``: prior samples).
         name: the method's name (``lo-sda``, ``dps``, ``sda``).
@@ -83,7 +87,8 @@ class LatentDiffusionAssimilation:
             of the networks on the device; the misfit and the optimizer stay in float32).
     """
 
-    def __init__(self, vae, eps_net, schedule, guidance, *, increment_std: float, name: str, n_members: int,
+    def __init__(self, vae, eps_net, schedule, guidance, *, increment_std: float, background_error: float,
+                 name: str, n_members: int,
                  member_batch: int, n_steps: int, stochastic: bool, seed: int, device: str = "cpu",
                  precision: str = "float32"):
         if n_members < 2:
@@ -92,6 +97,9 @@ class LatentDiffusionAssimilation:
         if not increment_std > 0:
             raise ValueError(f"increment_std = {increment_std}: the latent increment scale must be > 0")
         self.increment_std = float(increment_std)
+        if not background_error > 0:
+            raise ValueError(f"background_error = {background_error}: the relative background error must be > 0")
+        self.background_error = float(background_error)
         self.name, self.n_members, self.member_batch = name, int(n_members), int(member_batch)
         self.n_steps, self.stochastic, self.seed = int(n_steps), bool(stochastic), int(seed)
         self.device, self.precision = torch.device(device), precision
@@ -111,8 +119,12 @@ class LatentDiffusionAssimilation:
         if "latent_increment_std" not in ck.meta:
             raise ValueError(f"{checkpoint}: the checkpoint has no latent_increment_std (written by `lodas train` "
                              f"of this version); retrain it")
+        error = a.background_error or float(ck.meta.get("background_error", {}).get("all", 0.0))
+        if not error > 0:
+            raise ValueError(f"{cfg.path}: &assim_nml background_error = 0 and the checkpoint {checkpoint} records "
+                             f"no training background error: set background_error (e.g. 0.1)")
         return cls(ck.vae, ck.eps_net, schedule, _guidance(a.method, a), name=a.method, n_members=a.n_members,
-                   increment_std=float(ck.meta["latent_increment_std"]),
+                   increment_std=float(ck.meta["latent_increment_std"]), background_error=error,
                    member_batch=a.member_batch, n_steps=a.n_steps, stochastic=a.stochastic, seed=cfg.coupler.seed,
                    device=device, precision=a.precision)
 
@@ -130,6 +142,7 @@ class LatentDiffusionAssimilation:
             ``(M, nvar, ny, nx)`` float64, members in the order of ``batches`` (concatenated).
         """
         from coupler.assim.diffusion import member_generators, sample
+        from coupler.assim.latent import prior_condition
         from coupler.assim.obs_torch import TorchObservationOperator
 
         shape = tuple(background.shape)
@@ -163,11 +176,12 @@ class LatentDiffusionAssimilation:
         out = []
         for batch in batches:
             gens = member_generators(self.seed, cycle, list(batch), device=dev)
-            cond = z_b.expand(len(batch), *z_b.shape[1:]).contiguous()
+            z_bb = z_b.expand(len(batch), *z_b.shape[1:]).contiguous()
+            cond = prior_condition(z_bb, self.background_error)
             d0 = sample(eps_model, cond, gens, self.schedule, self.n_steps, guidance=guidance, misfit=misfit,
-                        stochastic=self.stochastic)
+                        stochastic=self.stochastic, shape=z_b.shape[1:])
             with torch.no_grad(), self._autocast():
-                dx = self.vae.from_latent(cond + s * d0.detach()).float() - x_bb
+                dx = self.vae.from_latent(z_bb + s * d0.detach()).float() - x_bb
             out.append(dx.double().cpu().numpy())
         return np.concatenate(out, axis=0)
 

@@ -24,6 +24,8 @@ key                   what
 ``schedule_eta``      the :class:`~coupler.assim.diffusion.CosineSchedule` floor it was trained with
 ``latent_increment_std``  ``s_d``, RMS of ``to_latent(x_t) - to_latent(x_b)`` over the training
                       pairs: the prior is over ``d = (z - z_b) / s_d``
+``background_error``  mean relative background error ``e_b`` of the training pairs, per source
+                      and ``"all"`` (the default condition of the prior)
 ``train_namelist``    the effective training namelist (text), when trained by ``lodas train``
 ``summary``           training figures (losses, reconstruction RMSE per variable, ...)
 ``vae_state``         ``StateVAE.state_dict()`` (float32 tensors, on the CPU)
