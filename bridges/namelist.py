@@ -128,7 +128,8 @@ class AssimNml:
                                "consistent lambda_t)", ge=0)
     background_error: float = _key(0.0, doc="diffusion methods: the background's expected relative error e_b "
                                    "(RMS of (x_b - x_t) / climatological std per variable) that the prior is "
-                                   "conditioned on; 0: the mean of the checkpoint's training pairs", ge=0)
+                                   "conditioned on; 0: estimated each cycle from the innovations (point "
+                                   "observations), within the range the checkpoint was trained on", ge=0)
     dps_zeta: float = _key(1.0, doc="dps: guidance step size", gt=0)
     sda_gamma: float = _key(1e-2, doc="sda: variance factor of the Gaussian likelihood approximation", ge=0)
     precision: str = _key("float32", doc="diffusion networks: float32, or bf16 autocast (GPU)",
@@ -243,6 +244,9 @@ class TrainNml:
     background_sources: list[str] = _key(["3dvar"], doc="cycled runs that make the backgrounds: 3dvar (&assim_nml "
                                          "b_scale) and/or etkf (&assim_nml etkf_members, inflation; sharper backgrounds)",
                                          choices=("3dvar", "etkf"))
+    forecast_leads: list[int] = _key([1], doc="forecast leads (in cycles) of the backgrounds made from each source: "
+                                     "lead k is the source's analysis of k cycles before integrated k cycles (wider "
+                                     "background errors of the same flow-dependent kind)", ge=1)
     val_fraction: float = _key(0.1, doc="last fraction of the cycles of every source held out for validation",
                                gt=0, lt=1)
     augment: bool = _key(True, doc="random periodic shifts of each (truth, background) pair: any x-shift; y-shifts "

@@ -21,3 +21,15 @@ def test_bench_l96_json_contract_and_ordering():
 def test_bench_rejects_a_namelist_of_the_other_testbed():
     p = lodas("bench", "sw", "--namelist", "namelists/l96_bench.nml", "--cycles", "2", timeout=120)
     assert p.returncode != 0 and "twin_nml model = 'l96'" in p.stderr
+
+
+def test_bench_runs_the_diffusion_methods_with_the_shipped_checkpoint():
+    """The shipped L96 checkpoint loads (package data) and every diffusion method cycles stably."""
+    p = lodas("bench", "l96", "--methods", "none,lo-sda,dps,sda", "--cycles", "12", "--set",
+              "twin_nml.spinup_cycles=2", "--set", "assim_nml.n_members=4", "--set", "assim_nml.n_steps=4",
+              "--json", timeout=300)
+    assert p.returncode == 0, p.stderr
+    m = json.loads(p.stdout.strip().splitlines()[-1])["methods"]
+    for name in ("lo-sda", "dps", "sda"):
+        assert m[name]["status_counts"] == {"ok": 12}, m[name]
+        assert m[name]["analysis_rmse"] < m[name]["background_rmse"] < m["none"]["background_rmse"], m[name]

@@ -31,7 +31,8 @@ def tiny_checkpoint(path: Path, shape=(1, 1, 40), variables=("x",)) -> Path:
     vae.set_normalization([2.3] * shape[0], [3.6] * shape[0])
     vae.set_latent_scale(0.5)
     return save_checkpoint(path, vae, eps, {"arch": arch, "variables": list(variables),
-                                            "latent_increment_std": 0.3, "background_error": {"all": 0.15}})
+                                            "latent_increment_std": 0.3,
+                                            "background_error": {"3dvar": 0.15, "all": 0.15}})
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,26 @@ def test_analysis_is_finite_deterministic_and_moves_towards_the_observations(ckp
     assert np.array_equal(a.increment, b.increment) and np.array_equal(a.spread, b.spread)
     c = m.analyse(x_b, obs, cycle=6)                 # another cycle: other noise streams
     assert not np.array_equal(a.increment, c.increment)
+
+
+def test_background_error_from_the_innovations(ckpt):
+    """e_b^2 = mean[(y - H x_b)^2 - sigma_o^2] / std^2 over point observations, clipped to the trained range."""
+    m = make_method(_cfg(ckpt))
+    assert m.background_error is None and m.error_range == (0.075, 0.3)
+    x_t = np.zeros((1, 1, 40))
+    sign = np.where(np.arange(40) % 2, 1.0, -1.0)[None, None]
+    idx = np.arange(40)
+    obs = Observations(value=np.zeros(40), error_std=np.full(40, 0.1), var_index=np.zeros(40, dtype=int),
+                       x=idx.astype(float), y=np.zeros(40))
+    # |x_b - x_t| = sqrt(0.36^2 + 0.1^2) everywhere, so e_b = 0.36 / 3.6 = 0.1 after removing sigma_o^2
+    x_b = x_t + np.hypot(0.36, 0.1) * sign
+    assert m.background_error_of(x_b, obs) == pytest.approx(0.1, rel=1e-6)     # std stored in float32
+    assert m.background_error_of(x_t, obs) == 0.075                    # negative estimate: clipped up
+    assert m.background_error_of(x_t + 10.0, obs) == 0.3               # clipped down
+    fixed = make_method(_cfg(ckpt, "lo-sda", "assim_nml.background_error=0.2"))
+    assert fixed.background_error_of(x_b, obs) == 0.2
+    a = m.analyse(x_b, obs, cycle=0)
+    assert a.info["background_error"] == pytest.approx(0.1)
 
 
 def test_member_increments_do_not_depend_on_how_members_are_batched(ckpt):

@@ -49,6 +49,7 @@ TINY = """
     n_cycles = 40
     spinup_cycles = 5
     background_sources = '3dvar', 'etkf'
+    forecast_leads = 1, 3
     val_fraction = 0.25
     vae_epochs = 2
     prior_epochs = 2
@@ -80,7 +81,7 @@ def test_lodas_train_writes_a_loadable_checkpoint(tmp_path):
     s = _last_json(proc)
     assert s["complete"] and s["vae"]["epochs"] == 2 and s["prior"]["epochs"] == 2
     assert set(s["vae"]["recon_rmse"]) == {"x"} and np.isfinite(s["prior"]["val_loss"])
-    assert set(s["eval"]) == {"3dvar", "etkf"} and s["checkpoint"] == str(tmp_path / "ck.pt")
+    assert set(s["eval"]) == {"3dvar", "3dvar+3", "etkf", "etkf+3"} and s["checkpoint"] == str(tmp_path / "ck.pt")
     assert "reconstruction RMSE" in proc.stdout and "prior samples" in proc.stdout
     ck = load_checkpoint(tmp_path / "ck.pt", shape=(1, 1, 40), variables=["x"])
     m = ck.meta
@@ -92,8 +93,9 @@ def test_lodas_train_writes_a_loadable_checkpoint(tmp_path):
     z = ck.vae.to_latent(torch.zeros(2, 1, 1, 40) + 2.0)
     assert ck.eps_net(z, torch.full((2,), 0.5), prior_condition(z, 0.1)).shape == (2, 2, 20)
     e = m["background_error"]
-    assert set(e) == {"3dvar", "etkf", "all"} and 0 < min(e.values()) and max(e.values()) < 1
-    assert min(e["3dvar"], e["etkf"]) <= e["all"] <= max(e["3dvar"], e["etkf"]) and m["latent_increment_std"] > 0
+    assert set(e) == {"3dvar", "3dvar+3", "etkf", "etkf+3", "all"} and 0 < min(e.values()) and max(e.values()) < 1
+    assert e["3dvar+3"] > e["3dvar"] and e["etkf+3"] > e["etkf"], e                 # errors grow with the lead
+    assert min(e.values()) <= e["all"] <= max(e.values()) and m["latent_increment_std"] > 0
 
 
 def test_resume_continues_and_equals_an_uninterrupted_run(tmp_path):
@@ -149,6 +151,8 @@ def test_train_refuses_evaluation_seeds_and_missing_group(tmp_path):
     assert proc.returncode == 2 and "&train_nml seed = 1 is an evaluation seed" in proc.stderr
     proc = lodas("train", str(path), "--set", "train_nml.levels=4")
     assert proc.returncode == 2 and "&train_nml levels = 4" in proc.stderr
+    proc = lodas("train", str(path), "--set", "train_nml.forecast_leads=1,8")
+    assert proc.returncode == 2 and "forecast_leads = [1, 8] needs spinup_cycles >= 7" in proc.stderr
     bare = tmp_path / "bare.nml"
     bare.write_text(TINY.split("&train_nml")[0])
     proc = lodas("train", str(bare))

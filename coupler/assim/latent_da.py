@@ -12,8 +12,8 @@ One analysis of a background ``x_b`` (``(nvar, ny, nx)``, physical units) with o
    spread, so diffusing ``z_a`` itself would spend the noise schedule on scales the analysis
    never visits, while ``d`` has unit variance as the VP schedule assumes. The prior is also
    conditioned on the background's relative error ``e_b`` (``&assim_nml background_error``, a
-   tuned constant, or the training mean), so its spread follows the quality of the backgrounds
-   the cycle produces (:mod:`coupler.assim.latent`). For each member ``m``: run the reverse diffusion of ``p(d | z_b, e_b)`` learnt by the checkpoint's
+   constant, or by default estimated each cycle from the innovations), so its spread follows
+   the quality of the backgrounds the cycle produces (:mod:`coupler.assim.latent`). For each member ``m``: run the reverse diffusion of ``p(d | z_b, e_b)`` learnt by the checkpoint's
    noise-prediction network, from ``d_1 ~ N(0, I)`` to ``d_0``, with the noise of member ``m``
    drawn from its own stream ``(seed, cycle, m)``, guided towards ``y`` through the decoder by
    the misfit of the analysis that ``d`` stands for (step 3),
@@ -76,7 +76,11 @@ class LatentDiffusionAssimilation:
         eps_net: the prior's noise-prediction network ``eps(d_t, t, prior_condition(z_b, e_b))``.
         increment_std: ``s``, the RMS latent increment of the training pairs.
         background_error: ``e_b``, the background's relative error the prior is conditioned on
-            (:func:`coupler.assim.latent.prior_condition`).
+            (:func:`coupler.assim.latent.prior_condition`), or ``None``: estimated each cycle
+            from the innovations (:meth:`background_error_of`).
+        error_range: ``(lo, hi)``, the range the innovation estimate is clipped to (the
+            relative errors the prior was trained on, widened by 2 each way).
+        norm_std: ``(nvar,)`` the climatological std per variable that ``e_b`` is relative to.
         schedule: the noise schedule the prior was trained with.
         guidance: a guidance object of :mod:`coupler.assim.diffusion` (``None``: prior samples).
         name: the method's name (``lo-sda``, ``dps``, ``sda``).
@@ -87,8 +91,8 @@ class LatentDiffusionAssimilation:
             of the networks on the device; the misfit and the optimizer stay in float32).
     """
 
-    def __init__(self, vae, eps_net, schedule, guidance, *, increment_std: float, background_error: float,
-                 name: str, n_members: int,
+    def __init__(self, vae, eps_net, schedule, guidance, *, increment_std: float, background_error: float | None,
+                 error_range: tuple[float, float] = (1e-3, 1.0), name: str, n_members: int,
                  member_batch: int, n_steps: int, stochastic: bool, seed: int, device: str = "cpu",
                  precision: str = "float32"):
         if n_members < 2:
@@ -97,9 +101,14 @@ class LatentDiffusionAssimilation:
         if not increment_std > 0:
             raise ValueError(f"increment_std = {increment_std}: the latent increment scale must be > 0")
         self.increment_std = float(increment_std)
-        if not background_error > 0:
+        if background_error is not None and not background_error > 0:
             raise ValueError(f"background_error = {background_error}: the relative background error must be > 0")
-        self.background_error = float(background_error)
+        self.background_error = None if background_error is None else float(background_error)
+        lo, hi = (float(e) for e in error_range)
+        if not 0 < lo <= hi:
+            raise ValueError(f"error_range = {error_range}: expected 0 < lo <= hi")
+        self.error_range = (lo, hi)
+        self.norm_std = vae.norm_std.detach().double().cpu().numpy()
         self.name, self.n_members, self.member_batch = name, int(n_members), int(member_batch)
         self.n_steps, self.stochastic, self.seed = int(n_steps), bool(stochastic), int(seed)
         self.device, self.precision = torch.device(device), precision
@@ -119,12 +128,15 @@ class LatentDiffusionAssimilation:
         if "latent_increment_std" not in ck.meta:
             raise ValueError(f"{checkpoint}: the checkpoint has no latent_increment_std (written by `lodas train` "
                              f"of this version); retrain it")
-        error = a.background_error or float(ck.meta.get("background_error", {}).get("all", 0.0))
-        if not error > 0:
-            raise ValueError(f"{cfg.path}: &assim_nml background_error = 0 and the checkpoint {checkpoint} records "
-                             f"no training background error: set background_error (e.g. 0.1)")
+        trained = {k: float(v) for k, v in ck.meta.get("background_error", {}).items() if k != "all"}
+        if a.background_error == 0 and not trained:
+            raise ValueError(f"{cfg.path}: &assim_nml background_error = 0 (estimate from the innovations) but the "
+                             f"checkpoint {checkpoint} records no training background errors to bound the estimate: "
+                             f"set background_error (e.g. 0.1)")
+        error_range = (0.5 * min(trained.values()), 2.0 * max(trained.values())) if trained else (1e-3, 1.0)
         return cls(ck.vae, ck.eps_net, schedule, _guidance(a.method, a), name=a.method, n_members=a.n_members,
-                   increment_std=float(ck.meta["latent_increment_std"]), background_error=error,
+                   increment_std=float(ck.meta["latent_increment_std"]),
+                   background_error=a.background_error or None, error_range=error_range,
                    member_batch=a.member_batch, n_steps=a.n_steps, stochastic=a.stochastic, seed=cfg.coupler.seed,
                    device=device, precision=a.precision)
 
@@ -133,6 +145,31 @@ class LatentDiffusionAssimilation:
         if self.precision != "bf16":
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def background_error_of(self, background: np.ndarray, observations: Observations) -> float:
+        r"""``e_b`` for this cycle: the configured value, or the innovation estimate
+
+            e_b^2 = mean_k [ (y_k - H_k x_b)^2 - sigma_o,k^2 ] / std_{v_k}^2
+
+        over the point observations (``E[(y - H x_b)^2] = sigma_b^2 + sigma_o^2`` for unbiased,
+        uncorrelated errors; area-mean observations are left out when there are point ones, as
+        their background error is smaller than a point's), clipped to ``error_range`` (which
+        also catches a negative estimate from a small sample). Deterministic: every rank gets
+        the same number."""
+        if self.background_error is not None:
+            return self.background_error
+        lo, hi = self.error_range
+        if not len(observations):
+            return float(np.sqrt(lo * hi))
+        from coupler.assim.obs_operator import observation_operator
+
+        omb = observations.value - observation_operator(observations, background.shape) @ background.ravel()
+        keep = observations.footprint == 0
+        if not keep.any():
+            keep = np.ones(len(observations), dtype=bool)
+        std = self.norm_std[observations.var_index[keep]]
+        e2 = float(np.mean((omb[keep] ** 2 - observations.error_std[keep] ** 2) / std ** 2))
+        return float(np.clip(np.sqrt(max(e2, 0.0)), lo, hi))
 
     def sample_batches(self, background: np.ndarray, observations: Observations, *, cycle: int,
                        batches: Sequence[Sequence[int]]) -> np.ndarray:
@@ -158,6 +195,7 @@ class LatentDiffusionAssimilation:
         r = x_b - x_bb                                             # the VAE's reconstruction error of x_b
 
         s = self.increment_std
+        e_b = self.background_error_of(background, observations)
 
         def forward(d):                                            # H x_a(d), x_a(d) = x_b + D(z_b + s d) - D(z_b)
             with self._autocast():
@@ -177,7 +215,7 @@ class LatentDiffusionAssimilation:
         for batch in batches:
             gens = member_generators(self.seed, cycle, list(batch), device=dev)
             z_bb = z_b.expand(len(batch), *z_b.shape[1:]).contiguous()
-            cond = prior_condition(z_bb, self.background_error)
+            cond = prior_condition(z_bb, e_b)
             d0 = sample(eps_model, cond, gens, self.schedule, self.n_steps, guidance=guidance, misfit=misfit,
                         stochastic=self.stochastic, shape=z_b.shape[1:])
             with torch.no_grad(), self._autocast():
@@ -193,7 +231,8 @@ class LatentDiffusionAssimilation:
         inc = np.asarray(increments, dtype=np.float64)
         mean = inc.mean(axis=0)
         spread = inc.std(axis=0, ddof=1)
-        info = {"n_obs": len(observations), "n_members": int(inc.shape[0])}
+        info = {"n_obs": len(observations), "n_members": int(inc.shape[0]),
+                "background_error": self.background_error_of(background, observations)}
         if len(observations):
             H = observation_operator(observations, background.shape)
             omb = observations.value - H @ background.ravel()
