@@ -7,7 +7,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.lodas-setup-done
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup build demo test bench clean
+.PHONY: setup build demo test bench train clean
 
 setup: $(STAMP)
 
@@ -34,7 +34,12 @@ test: build
 
 bench: build
 	$(PY) benchmarks/coupling_overhead.py
-	$(PY) -m coupler bench l96
+	$(PY) -m coupler bench l96 --methods none,3dvar,etkf,dps,sda,lo-sda --cycles 1200 --set twin_nml.spinup_cycles=200
+	$(PY) -m coupler bench sw --methods none,3dvar,dps,sda,lo-sda --cycles 120 --set twin_nml.spinup_cycles=20
+
+train: build
+	$(PY) -m coupler train namelists/l96_train.nml
+	$(PY) -m coupler train namelists/sw_train.nml
 
 clean:
 	$(MAKE) -s -C fortran_stubs clean
