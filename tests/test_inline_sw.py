@@ -17,7 +17,7 @@ NML = str(REPO / "namelists" / "sw_demo.nml")
 VARS = ["u", "v", "h"]
 SHAPE = (3, 64, 64)
 SMALL = ["sw_nml.n_cycles=6", "sw_nml.steps_per_cycle=6", "twin_nml.spinup_cycles=1", "twin_nml.clim_samples=60",
-         "twin_nml.clim_stride=6", "obs_nml.n_stations=300"]     # spin-up as the demo: 20 days, so the
+         "twin_nml.clim_stride=6", "obs_nml.n_stations=300", "assim_nml.method='3dvar'"]     # spin-up as the demo: 20 days, so the
 # independent initial state is decorrelated from the truth (see coupler.twin.independent_state)
 
 
