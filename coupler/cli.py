@@ -136,8 +136,8 @@ def rank_layout(cfg) -> list[str]:
 
 
 def cmd_check(args) -> int:
-    from coupler.methods import ENSEMBLE_METHODS, checkpoint_path
     from bridges.namelist import _namelist_text
+    from coupler.methods import ENSEMBLE_METHODS, checkpoint_path
 
     cfg = load(args.namelist, _rank_overrides(args))
     ckpt_line = None

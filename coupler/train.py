@@ -143,6 +143,8 @@ def _check_config(cfg):
     if len(set(t.background_sources)) != len(t.background_sources) or not t.background_sources:
         raise NamelistError(f"{cfg.path}: &train_nml background_sources = {t.background_sources}: expected distinct "
                             f"sources among '3dvar', 'etkf'")
+    if len(set(t.forecast_leads)) != len(t.forecast_leads):
+        raise NamelistError(f"{cfg.path}: &train_nml forecast_leads = {t.forecast_leads}: expected distinct leads")
     if t.spinup_cycles < max(t.forecast_leads) - 1:
         raise NamelistError(f"{cfg.path}: &train_nml forecast_leads = {t.forecast_leads} needs spinup_cycles >= "
                             f"{max(t.forecast_leads) - 1} (the longest lead minus one), got {t.spinup_cycles}")
@@ -289,6 +291,24 @@ def lr_at(step: int, total: int, base: float, kind: str) -> float:
     if kind == "step":
         return base * (1.0 if p < 0.6 else 0.1 if p < 0.85 else 0.01)
     return base
+
+
+def _epoch_generators(seed: int, phase: int, epoch: int, device: str) -> tuple[torch.Generator, torch.Generator]:
+    """``(cpu, device)`` generators of one epoch (the same one on the CPU): every random draw of
+    epoch ``epoch`` of ``phase`` comes from ``(seed, phase, epoch)``, so a resumed run repeats it."""
+    g = _generator("cpu", seed, phase, epoch)
+    return g, (g if device == "cpu" else _generator(device, seed, phase, epoch))
+
+
+def _optimise(run, loss: torch.Tensor, total: int) -> None:
+    """One optimiser step on ``loss`` at step ``run.step`` of ``total`` of the phase's schedule."""
+    t = run.t
+    for group in run.opt.param_groups:
+        group["lr"] = lr_at(run.step, total, t.lr, t.lr_schedule)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    run.step += 1
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
@@ -450,40 +470,32 @@ def _latent_scale(run: _Run, states: torch.Tensor) -> float:
     return math.sqrt(max(s2 / n - mean * mean, 1e-12))
 
 
-def _relative_errors(run: _Run, pairs: Pairs) -> dict:
-    """Mean of :func:`~coupler.assim.latent.relative_error` over the training pairs, per source and
-    ``'all'`` (``'all'``: the default ``e_b`` of ``&assim_nml background_error = 0``)."""
-    from coupler.assim.latent import relative_error
+def _pair_errors(run: _Run, pairs: Pairs) -> tuple[dict, dict]:
+    """Background errors of the training pairs, per source and ``'all'``, in one pass:
 
-    out, tot = {}, 0.0
+    - the RMS of ``to_latent(x_t) - to_latent(x_b)`` (``'all'`` is the prior's
+      ``latent_increment_std`` ``s_d``: it trains on ``(z_t - z_b) / s_d``);
+    - the mean of :func:`~coupler.assim.latent.relative_error` (the ``e_b`` of the pairs; the
+      per-source values bound the innovation estimate of ``&assim_nml background_error = 0``).
+    """
+    latent, relative = {}, {}
+    lat_tot = rel_tot = 0.0
+    n_lat = 0
     with torch.no_grad():
         for s, src in enumerate(pairs.sources):
-            acc = 0.0
+            lat = rel = 0.0
+            m = 0
             for sl in _chunks(pairs.n_train, 512):
-                acc += float(relative_error(run.vae, pairs.background[s, sl].to(run.device),
-                                            pairs.truth[sl].to(run.device)).sum())
-            out[src] = acc / pairs.n_train
-            tot += acc
-    out["all"] = tot / (pairs.n_train * len(pairs.sources))
-    return out
-
-
-def _latent_errors(run: _Run, pairs: Pairs) -> dict:
-    """RMS of ``to_latent(x_t) - to_latent(x_b)`` over the training pairs, per source and ``'all'``
-    (``'all'`` is the prior's ``latent_increment_std`` ``s_d``: it trains on ``(z_t - z_b) / s_d``)."""
-    out, tot, n = {}, 0.0, 0
-    with torch.no_grad():
-        for s, src in enumerate(pairs.sources):
-            acc, m = 0.0, 0
-            for sl in _chunks(pairs.n_train, 512):
-                d = (run.vae.to_latent(pairs.truth[sl].to(run.device))
-                     - run.vae.to_latent(pairs.background[s, sl].to(run.device))).double()
-                acc += float((d ** 2).sum())
+                xt, xb = pairs.truth[sl].to(run.device), pairs.background[s, sl].to(run.device)
+                d = (run.vae.to_latent(xt) - run.vae.to_latent(xb)).double()
+                lat += float((d ** 2).sum())
                 m += d.numel()
-            out[src] = math.sqrt(acc / m)
-            tot, n = tot + acc, n + m
-    out["all"] = math.sqrt(tot / n)
-    return out
+                rel += float(relative_error(run.vae, xb, xt).sum())
+            latent[src], relative[src] = math.sqrt(lat / m), rel / pairs.n_train
+            lat_tot, rel_tot, n_lat = lat_tot + lat, rel_tot + rel, n_lat + m
+    latent["all"] = math.sqrt(lat_tot / n_lat)
+    relative["all"] = rel_tot / (pairs.n_train * len(pairs.sources))
+    return latent, relative
 
 
 def _evaluate(run: _Run, pairs: Pairs) -> dict:
@@ -608,21 +620,15 @@ def train(cfg, *, resume: bool = False, max_epochs: int | None = None) -> dict:
         while run.vae_epoch < t.vae_epochs and not stopped:
             e0 = time.perf_counter()
             run.vae.train()
-            g = _generator("cpu", t.seed, _VAE, run.vae_epoch)
-            gd = g if device == "cpu" else _generator(device, t.seed, _VAE, run.vae_epoch)
+            g, gd = _epoch_generators(t.seed, _VAE, run.vae_epoch, device)
             perm = torch.randperm(n_states, generator=g)
             bar = _Progress(per_epoch, f"VAE {run.vae_epoch + 1}/{t.vae_epochs}")
             loss_sum = 0.0
             for sl in _chunks(n_states, t.batch_size):
                 x = to_dev(train_states[perm[sl]])
                 (x,) = random_shift([x], g, steps) if t.augment else (x,)
-                for group in run.opt.param_groups:
-                    group["lr"] = lr_at(run.step, total, t.lr, t.lr_schedule)
                 loss, _, _ = vae_loss(run.vae, x, t.kl_weight, gd)
-                run.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                run.opt.step()
-                run.step += 1
+                _optimise(run, loss, total)
                 loss_sum += loss.item() * x.shape[0]
                 bar.update(loss.item())
             bar.close()
@@ -643,9 +649,8 @@ def train(cfg, *, resume: bool = False, max_epochs: int | None = None) -> dict:
         if run.vae_epoch >= t.vae_epochs and run.phase == "vae" and not stopped:
             run.vae.set_latent_scale(_latent_scale(run, train_states))
             run.start_prior()
-            errs = _latent_errors(run, pairs)
-            run.latent_errors = errs
-            run.relative_errors = _relative_errors(run, pairs)
+            run.latent_errors, run.relative_errors = _pair_errors(run, pairs)
+            errs = run.latent_errors
             log.info("background relative error e_b (mean per source): %s",
                      ", ".join(f"{k} {v:.4f}" for k, v in run.relative_errors.items()))
             log.info("VAE frozen; latent shape %s, latent_scale %.4f; background error in unit latents (RMS): %s",
@@ -660,8 +665,7 @@ def train(cfg, *, resume: bool = False, max_epochs: int | None = None) -> dict:
         while run.phase == "prior" and run.prior_epoch < t.prior_epochs and not stopped:
             e0 = time.perf_counter()
             run.eps_net.train()
-            g = _generator("cpu", t.seed, _PRIOR, run.prior_epoch)
-            gd = g if device == "cpu" else _generator(device, t.seed, _PRIOR, run.prior_epoch)
+            g, gd = _epoch_generators(t.seed, _PRIOR, run.prior_epoch, device)
             perm = torch.randperm(n_pairs, generator=g)
             bar = _Progress(per_epoch, f"prior {run.prior_epoch + 1}/{t.prior_epochs}")
             loss_sum = 0.0
@@ -675,17 +679,12 @@ def train(cfg, *, resume: bool = False, max_epochs: int | None = None) -> dict:
                     zb = run.vae.to_latent(xb)
                     d = (run.vae.to_latent(xt) - zb) / run.increment_std
                     c = prior_condition(zb, relative_error(run.vae, xb, xt))
-                for group in run.opt.param_groups:
-                    group["lr"] = lr_at(run.step, total, t.lr, t.lr_schedule)
                 loss = denoising_loss(run.eps_net, d, c, schedule, generator=gd)
-                run.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                run.opt.step()
+                _optimise(run, loss, total)
                 if t.ema_decay > 0:
-                    _ema_update(run.ema, run.eps_net, t.ema_decay, run.step)
+                    _ema_update(run.ema, run.eps_net, t.ema_decay, run.step - 1)
                 else:
                     run.ema.load_state_dict(run.eps_net.state_dict())
-                run.step += 1
                 loss_sum += loss.item() * d.shape[0]
                 bar.update(loss.item())
             bar.close()

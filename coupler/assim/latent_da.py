@@ -13,7 +13,8 @@ One analysis of a background ``x_b`` (``(nvar, ny, nx)``, physical units) with o
    never visits, while ``d`` has unit variance as the VP schedule assumes. The prior is also
    conditioned on the background's relative error ``e_b`` (``&assim_nml background_error``, a
    constant, or by default estimated each cycle from the innovations), so its spread follows
-   the quality of the backgrounds the cycle produces (:mod:`coupler.assim.latent`). For each member ``m``: run the reverse diffusion of ``p(d | z_b, e_b)`` learnt by the checkpoint's
+   the quality of the backgrounds the cycle produces (:mod:`coupler.assim.latent`). For each
+   member ``m``: run the reverse diffusion of ``p(d | z_b, e_b)`` learnt by the checkpoint's
    noise-prediction network, from ``d_1 ~ N(0, I)`` to ``d_0``, with the noise of member ``m``
    drawn from its own stream ``(seed, cycle, m)``, guided towards ``y`` through the decoder by
    the misfit of the analysis that ``d`` stands for (step 3),
@@ -79,8 +80,8 @@ class LatentDiffusionAssimilation:
             (:func:`coupler.assim.latent.prior_condition`), or ``None``: estimated each cycle
             from the innovations (:meth:`background_error_of`).
         error_range: ``(lo, hi)``, the range the innovation estimate is clipped to (the
-            relative errors the prior was trained on, widened by 2 each way).
-        norm_std: ``(nvar,)`` the climatological std per variable that ``e_b`` is relative to.
+            relative errors the prior was trained on, widened by 2 each way); ``e_b`` is relative
+            to the VAE's per-variable normalisation std.
         schedule: the noise schedule the prior was trained with.
         guidance: a guidance object of :mod:`coupler.assim.diffusion` (``None``: prior samples).
         name: the method's name (``lo-sda``, ``dps``, ``sda``).
@@ -146,7 +147,8 @@ class LatentDiffusionAssimilation:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    def background_error_of(self, background: np.ndarray, observations: Observations) -> float:
+    def background_error_of(self, background: np.ndarray, observations: Observations,
+                            omb: np.ndarray | None = None) -> float:
         r"""``e_b`` for this cycle: the configured value, or the innovation estimate
 
             e_b^2 = mean_k [ (y_k - H_k x_b)^2 - sigma_o,k^2 ] / std_{v_k}^2
@@ -155,15 +157,16 @@ class LatentDiffusionAssimilation:
         uncorrelated errors; area-mean observations are left out when there are point ones, as
         their background error is smaller than a point's), clipped to ``error_range`` (which
         also catches a negative estimate from a small sample). Deterministic: every rank gets
-        the same number."""
+        the same number. ``omb``: the innovations ``y - H x_b`` when already computed."""
         if self.background_error is not None:
             return self.background_error
         lo, hi = self.error_range
         if not len(observations):
             return float(np.sqrt(lo * hi))
-        from coupler.assim.obs_operator import observation_operator
+        if omb is None:
+            from coupler.assim.obs_operator import observation_operator
 
-        omb = observations.value - observation_operator(observations, background.shape) @ background.ravel()
+            omb = observations.value - observation_operator(observations, background.shape) @ background.ravel()
         keep = observations.footprint == 0
         if not keep.any():
             keep = np.ones(len(observations), dtype=bool)
@@ -231,14 +234,15 @@ class LatentDiffusionAssimilation:
         inc = np.asarray(increments, dtype=np.float64)
         mean = inc.mean(axis=0)
         spread = inc.std(axis=0, ddof=1)
-        info = {"n_obs": len(observations), "n_members": int(inc.shape[0]),
-                "background_error": self.background_error_of(background, observations)}
+        info = {"n_obs": len(observations), "n_members": int(inc.shape[0])}
+        omb = None
         if len(observations):
             H = observation_operator(observations, background.shape)
             omb = observations.value - H @ background.ravel()
             oma = observations.value - H @ (background + mean).ravel()
             info.update(omb_mean=float(omb.mean()), omb_rms=float(np.sqrt(np.mean(omb ** 2))),
                         oma_mean=float(oma.mean()), oma_rms=float(np.sqrt(np.mean(oma ** 2))))
+        info["background_error"] = self.background_error_of(background, observations, omb)
         return Analysis(increment=mean, spread=spread, info=info)
 
     def analyse(self, background: np.ndarray, observations: Observations, *, cycle: int) -> Analysis:

@@ -101,9 +101,7 @@ def _plain(value: Any, where: str) -> Any:
     """``value`` as plain checkpoint data (tuples -> lists, numpy scalars -> Python), or ValueError."""
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().clone()
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
+    if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, dict):
         out = {}
