@@ -22,6 +22,7 @@ Groups (``lodas check FILE.nml`` prints every key with its value):
 - ``&l96_nml``, ``&sw_nml``  the testbed host models' own groups (read by the Fortran hosts;
   known here so twin experiments can run the numpy reference models).
 - ``&train_nml``    training of the LO-SDA networks (``lodas train``; optional).
+- ``&replay_nml``   offline replay of archived cycles (``lodas replay``; optional).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ import f90nml
 __all__ = [
     "NamelistError", "Config", "load", "parse_override", "GROUPS",
     "CouplerNml", "GridNml", "BridgeNml", "AssimNml", "ObsNml", "TwinNml", "L96Nml", "SwNml", "TrainNml",
+    "ReplayNml",
 ]
 
 
@@ -130,6 +132,13 @@ class AssimNml:
                                    "(RMS of (x_b - x_t) / climatological std per variable) that the prior is "
                                    "conditioned on; 0: estimated each cycle from the innovations (point "
                                    "observations), within the range the checkpoint was trained on", ge=0)
+    b_std: list[float] = _key([], doc="3dvar without b_file: background-error standard deviation per variable (one "
+                              "value: all), in the variable's units; with b_length a parametric homogeneous B that "
+                              "needs no climatology (any grid)", gt=0)
+    b_length: float = _key(0.0, doc="3dvar with b_std: length L of the Gaussian horizontal correlation "
+                           "exp(-r^2 / (2 L^2)) in b_length_unit (0: uncorrelated, diagonal B)", ge=0)
+    b_length_unit: str = _key("grid", doc="unit of b_length: grid (grid points) or km (with &grid_nml dx_m, dy_m)",
+                              choices=("grid", "km"))
     dps_zeta: float = _key(1.0, doc="dps: guidance step size", gt=0)
     sda_gamma: float = _key(1e-2, doc="sda: variance factor of the Gaussian likelihood approximation", ge=0)
     precision: str = _key("float32", doc="diffusion networks: float32, or bf16 autocast (GPU)",
@@ -146,7 +155,8 @@ class ObsNml:
     """``&obs_nml``: observation files and the synthetic network of twin experiments."""
 
     obs_dir: str = _key("obs", doc="directory of observation files")
-    file_template: str = _key("obs_{cycle:06d}.nc", doc="file name per cycle; {cycle} is the 0-based cycle index")
+    file_template: str = _key("obs_{cycle:06d}.nc", doc="file name per cycle: {cycle} is the 0-based cycle index, "
+                              "strftime codes (%Y%m%d%H) the cycle's valid time")
     on_missing: str = _key("warn", doc="missing file for a cycle: warn (zero increment, status 1) or error (stop)",
                            choices=("warn", "error"))
     network: list[str] = _key(["all"], doc="synthetic network: one kind or a list of distinct kinds observed in the "
@@ -280,10 +290,43 @@ class TrainNml:
                             "later with --resume)")
 
 
+@dataclass
+class ReplayNml:
+    """``&replay_nml``: offline replay of archived cycles (``lodas replay FILE.nml``; :mod:`coupler.replay`).
+
+    File names (``background_file`` and ``&obs_nml file_template``) are templates: ``{cycle}``
+    (Python format, the 0-based cycle index) and strftime codes of the cycle's valid time
+    (``%Y%m%d%H``). A ``background_file`` without either is one file with a time dimension.
+    """
+
+    background_file: str = _key(doc="background archive: a template naming one file per cycle (e.g. "
+                                "'bg/bg_%Y%m%d%H.nc'), or one file with a time dimension", required=True)
+    first_time: str = _key("", doc="valid time of the first cycle replayed (ISO 8601); empty: the first time of a "
+                           "single background file")
+    last_time: str = _key("", doc="valid time of the last cycle (ISO 8601); empty: the last time of a single "
+                          "background file, or first_time (one cycle) for per-cycle files")
+    interval_h: float = _key(6.0, doc="hours between cycles (with first_time); cycle k is valid at first_time + "
+                             "k * interval_h", gt=0)
+    variable_map: list[str] = _key([], doc="names in the archive files: 'lodas=file' per entry, for state variables "
+                                   "('h=zg'; 'T500=t:3' takes level 3 (1-based) of a variable with a level "
+                                   "dimension) and observation fields (value, error_std, var_index, x, y, lat, lon); "
+                                   "unmapped names are looked up as they are")
+    increment_layout: str = _key("cf", doc="increment files: cf (<var>_inc(time, y, x) per state variable) or fv3 "
+                                 "(<var>_inc(lev, lat, lon) per archive variable, the layout FV3's IAU reads)",
+                                 choices=("cf", "fv3"))
+    write_analysis: bool = _key(False, doc="also write the analysis (background + increment) of each cycle")
+    on_bad_cycle: str = _key("skip", doc="a cycle whose background cannot be read (missing or unreadable file, time "
+                             "or variable): skip (zero increment, status no_background, retried by a re-run) or stop",
+                             choices=("skip", "stop"))
+    obs_outside: str = _key("skip", doc="observations outside the grid's domain: skip (counted in the diagnostics) "
+                            "or error (the cycle fails)", choices=("skip", "error"))
+
+
 #: lodas's groups, in the order they are printed and written.
 GROUPS: dict[str, type] = {
     "coupler_nml": CouplerNml, "grid_nml": GridNml, "bridge_nml": BridgeNml, "assim_nml": AssimNml,
     "obs_nml": ObsNml, "twin_nml": TwinNml, "l96_nml": L96Nml, "sw_nml": SwNml, "train_nml": TrainNml,
+    "replay_nml": ReplayNml,
 }
 #: Groups that must be present in every lodas namelist.
 REQUIRED_GROUPS = ("grid_nml",)
@@ -309,6 +352,7 @@ class Config:
     overridden_groups: tuple[str, ...] = ()
     overrides: tuple[str, ...] = ()
     train: TrainNml | None = None
+    replay: ReplayNml | None = None
 
     @property
     def n_state(self) -> int:
@@ -370,8 +414,9 @@ class Config:
 
 
 _ATTR = {"coupler_nml": "coupler", "grid_nml": "grid", "bridge_nml": "bridge", "assim_nml": "assim",
-         "obs_nml": "obs", "twin_nml": "twin", "l96_nml": "l96", "sw_nml": "sw", "train_nml": "train"}
-_OPTIONAL_GROUPS = ("l96_nml", "sw_nml", "train_nml")
+         "obs_nml": "obs", "twin_nml": "twin", "l96_nml": "l96", "sw_nml": "sw", "train_nml": "train",
+         "replay_nml": "replay"}
+_OPTIONAL_GROUPS = ("l96_nml", "sw_nml", "train_nml", "replay_nml")
 
 
 def _namelist_text(nml: f90nml.Namelist) -> str:
@@ -582,8 +627,43 @@ def _check_consistency(cfg: Config) -> None:
                             f"Python format string using only {{cycle}}: {exc}") from None
     from datetime import datetime
 
-    try:
-        datetime.fromisoformat(cfg.coupler.start_time)
-    except ValueError:
-        raise NamelistError(f"{p}: &coupler_nml start_time = {cfg.coupler.start_time!r}: expected an "
-                            f"ISO 8601 date-time such as '2000-01-01T00:00:00'") from None
+    def iso(group: str, key: str, value: str) -> None:
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise NamelistError(f"{p}: &{group} {key} = {value!r}: expected an ISO 8601 date-time such as "
+                                f"'2000-01-01T00:00:00'") from None
+
+    iso("coupler_nml", "start_time", cfg.coupler.start_time)
+    a = cfg.assim
+    if a.b_std and len(a.b_std) not in (1, nv):
+        raise NamelistError(f"{p}: &assim_nml b_std = {a.b_std}: expected 1 or {nv} values (one per &grid_nml "
+                            f"variable: {names})")
+    if a.b_std and a.b_file:
+        raise NamelistError(f"{p}: &assim_nml b_file = {a.b_file!r} and b_std = {a.b_std}: expected one of them "
+                            f"(a covariance file, or the parametric B of b_std and b_length)")
+    r = cfg.replay
+    if r is not None:
+        for key in ("first_time", "last_time"):
+            if getattr(r, key):
+                iso("replay_nml", key, getattr(r, key))
+        if r.last_time and not r.first_time:
+            raise NamelistError(f"{p}: &replay_nml last_time = {r.last_time!r} needs first_time")
+        if r.first_time and r.last_time and datetime.fromisoformat(r.last_time) < datetime.fromisoformat(r.first_time):
+            raise NamelistError(f"{p}: &replay_nml last_time = {r.last_time!r}: expected a time >= first_time = "
+                                f"{r.first_time!r}")
+        try:
+            r.background_file.format(cycle=0)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise NamelistError(f"{p}: &replay_nml background_file = {r.background_file!r}: expected a path, "
+                                f"optionally with {{cycle}} and strftime codes: {exc}") from None
+        seen = set()
+        for entry in r.variable_map:
+            lhs, sep, rhs = entry.partition("=")
+            name, _, level = rhs.partition(":")
+            if not sep or not lhs.strip() or not name.strip() or (level and not (level.isdigit() and int(level) >= 1)):
+                raise NamelistError(f"{p}: &replay_nml variable_map entry {entry!r}: expected 'lodas=file' or "
+                                    f"'lodas=file:level' (level a 1-based integer), e.g. 'h=zg' or 'T500=t:3'")
+            if lhs.strip() in seen:
+                raise NamelistError(f"{p}: &replay_nml variable_map: '{lhs.strip()}' is mapped more than once")
+            seen.add(lhs.strip())

@@ -16,6 +16,7 @@ class Status(enum.IntEnum):
     BAD_BACKGROUND = 2     #: NaN/Inf in the background: cycle skipped, zero increment
     ANALYSIS_FAILED = 3    #: the analysis raised: zero increment, traceback in the driver log
     BAD_INCREMENT = 4      #: the analysis produced NaN/Inf: replaced by a zero increment
+    NO_BACKGROUND = 5      #: replay: the archived background of this cycle could not be read: zero increment
     CONFIG_ERROR = 10      #: host and driver disagree (grid, variables, decomposition)
     TIMEOUT = 11           #: the driver did not answer within &bridge_nml deadline_s
     PROTOCOL_ERROR = 12    #: messages out of order (e.g. get before put, ranks out of step)

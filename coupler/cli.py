@@ -6,6 +6,9 @@
     lodas twin   FILE.nml            twin experiment: nature run, observations, free and assimilation runs
     lodas bench  l96|sw              skill harness: every method on the same truth and observations
     lodas train  FILE.nml            train the LO-SDA networks (VAE + diffusion prior) of &train_nml
+    lodas replay FILE.nml            offline replay of archived cycles (&replay_nml; under mpiexec for N ranks)
+    lodas diag   OUTPUT_DIR          O-B / O-A statistics, spread and RMSE over the cycles of a run
+    lodas plot   OUTPUT_DIR          PNG panels of one cycle (background, analysis, increment, spread, obs)
 
 Every command takes ``--set group.key=value`` (repeatable; applied on top of the file) and
 ``--json`` (the last line printed is one JSON object of summary figures). Bad input ends
@@ -76,6 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, default=None, metavar="N",
                    help="stop (resumably) after N epochs in this run, VAE and prior together")
     _common(p)
+    p = sub.add_parser("replay", help="offline replay of archived cycles (&replay_nml); mpiexec -n N for N ranks")
+    p.add_argument("namelist")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common(p)
+    p = sub.add_parser("diag", help="O-B / O-A statistics, spread and RMSE over the cycles of an output directory")
+    p.add_argument("output_dir")
+    p.add_argument("--cycles", action="store_true", help="also print one line per cycle")
+    p.add_argument("--spinup", type=int, default=0, metavar="N", help="leave the first N cycles out of the means")
+    p.add_argument("--json", action="store_true", help="print one JSON summary object as the last line")
+    p = sub.add_parser("plot", help="PNG panels of one cycle of an output directory; prints their paths")
+    p.add_argument("output_dir")
+    p.add_argument("--cycle", default=None, metavar="T",
+                   help="cycle index or ISO 8601 valid time (default: the last cycle)")
+    p.add_argument("--variable", default=None, help="state variables to plot, comma-separated (default: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON summary object as the last line")
     return ap
 
 
@@ -84,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="lodas %(levelname)s: %(message)s", stream=sys.stderr)
     try:
         return {"check": cmd_check, "run": cmd_run, "launch": cmd_launch, "twin": cmd_twin,
-                "bench": cmd_bench, "train": cmd_train}[args.command](args)
+                "bench": cmd_bench, "train": cmd_train, "replay": cmd_replay, "diag": cmd_diag,
+                "plot": cmd_plot}[args.command](args)
     except (NamelistError, UsageError, ValueError, FileNotFoundError) as exc:
         print(f"lodas: error: {exc}", file=sys.stderr)
         return 2
@@ -349,6 +368,25 @@ def cmd_train(args) -> int:
     print(format_summary(summary))
     _emit({k: v for k, v in summary.items() if k != "history"}, args.json)
     return 0
+
+
+# -- replay, diag, plot ---------------------------------------------------------------------
+def cmd_replay(args) -> int:
+    from coupler.replay import main_replay
+
+    return main_replay(args)
+
+
+def cmd_diag(args) -> int:
+    from coupler.diag import main_diag
+
+    return main_diag(args)
+
+
+def cmd_plot(args) -> int:
+    from coupler.plots import main_plot
+
+    return main_plot(args)
 
 
 if __name__ == "__main__":

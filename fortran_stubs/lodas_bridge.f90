@@ -39,6 +39,7 @@ module lodas_bridge
    integer, parameter, public :: LODAS_BAD_BACKGROUND = 2
    integer, parameter, public :: LODAS_ANALYSIS_FAILED = 3
    integer, parameter, public :: LODAS_BAD_INCREMENT = 4
+   integer, parameter, public :: LODAS_NO_BACKGROUND = 5   !< replay only (lodas replay): archive unreadable
    integer, parameter, public :: LODAS_CONFIG_ERROR = 10
    integer, parameter, public :: LODAS_TIMEOUT = 11
    integer, parameter, public :: LODAS_PROTOCOL_ERROR = 12
