@@ -129,7 +129,7 @@ def run_twin(cfg, *, plot: bool = False) -> dict:
     _write_state(out / "init_truth.bin", x_truth0)
 
     b_file = cfg.assim.b_file
-    if cfg.assim.method == "3dvar" and not b_file:
+    if cfg.assim.method == "3dvar" and not b_file and not cfg.assim.b_std:
         log.info("climatology: %d samples every %d steps", cfg.twin.clim_samples, cfg.twin.clim_stride)
         B = SpectralCovariance.from_climatology(climatology(model, cfg, rng))
         b_file = str(write_covariance(out / "b_clim.nc", B, cfg.grid.variables))
