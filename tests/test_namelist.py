@@ -75,7 +75,8 @@ def test_effective_namelist_round_trips(tmp_path):
     again = load(out)
     for name in GROUPS:
         attr = {"coupler_nml": "coupler", "grid_nml": "grid", "bridge_nml": "bridge", "assim_nml": "assim",
-                "obs_nml": "obs", "twin_nml": "twin", "l96_nml": "l96", "sw_nml": "sw", "train_nml": "train"}[name]
+                "obs_nml": "obs", "twin_nml": "twin", "l96_nml": "l96", "sw_nml": "sw", "train_nml": "train",
+                "replay_nml": "replay"}[name]
         assert getattr(again, attr) == getattr(cfg, attr), name
     assert f90nml.read(out)["model_own_nml"]["whatever"] == "x"
 

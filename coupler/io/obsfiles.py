@@ -34,7 +34,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import netCDF4
 import numpy as np
@@ -42,7 +42,7 @@ import numpy as np
 from coupler.assim.base import Observations
 from coupler.io.atomic import atomic_path
 
-__all__ = ["write_obs_file", "read_obs_file", "read_obs_attributes"]
+__all__ = ["write_obs_file", "read_obs_file", "read_observations", "read_obs_attributes"]
 
 _FIELDS = ("value", "error_std", "var_index", "x", "y")
 _OPTIONAL = ("footprint",)        # absent in older files: all zeros (point observations)
@@ -163,7 +163,7 @@ def read_obs_attributes(path: str | os.PathLike) -> dict:
 def read_obs_file(path: str | os.PathLike, var_names: Sequence[str], *,
                   shape: tuple[int, int, int] | None = None, with_valid_time: bool = False
                   ) -> Observations | tuple[Observations, str | None]:
-    """Read one observation file, checked against the run's variables (and grid).
+    """Read one observation file in the layout above, checked against the run's variables (and grid).
 
     Args:
         path: the file.
@@ -185,38 +185,81 @@ def read_obs_file(path: str | os.PathLike, var_names: Sequence[str], *,
             attribute, wrong units, variable names not matching the run's, ``var_index`` out
             of range, non-finite or fill values, ``error_std <= 0``, coordinates off the grid.
     """
+    obs, valid_time, _ = read_observations(path, var_names, shape=shape)
+    return (obs, valid_time) if with_valid_time else obs
+
+
+#: ``locate(kind, a, b) -> (x, y)``: grid-index coordinates of observations given as
+#: ``kind = 'index'`` (``a, b`` = the file's x, y grid indices) or ``'latlon'`` (``a, b`` =
+#: latitude, longitude in degrees); NaN where the observation lies outside the domain.
+Locator = Callable[[str, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def read_observations(path: str | os.PathLike, var_names: Sequence[str], *,
+                      shape: tuple[int, int, int] | None = None, names: dict | None = None,
+                      aliases: dict | None = None, locate: Locator | None = None,
+                      outside: str = "error") -> tuple[Observations, str | None, int]:
+    """Read one observation file, also one written by another tool (replay archives).
+
+    Args:
+        path, var_names, shape: as :func:`read_obs_file`.
+        names: the file's names of the fields (``value``, ``error_std``, ``var_index``,
+            ``x``, ``y``, ``lat``, ``lon``, ``footprint``), for those that differ
+            (``&replay_nml variable_map``).
+        aliases: the file's names of state variables (in its ``variable_names``) ->
+            the run's names, for those that differ.
+        locate: converts the file's locations to the run's grid indices (an archive's
+            latitude/longitude, flipped axes, non-periodic domains), NaN outside the domain.
+            ``None``: the file's ``x, y`` are the run's grid indices on the periodic grid.
+            Locations are ``x, y`` (units ``grid_index``) when the file has them, else
+            ``lat, lon`` (degrees; needs ``locate``).
+        outside: observations outside the domain: ``'error'`` (ValueError naming the file,
+            the count and the first one) or ``'skip'`` (dropped and counted).
+
+    Returns:
+        ``(observations, valid_time or None, number of observations skipped outside)``.
+    """
     run_names = _names(var_names)
+    names = dict(names or {})
+    aliases = dict(aliases or {})
+    fname = {f: names.get(f, f) for f in _FIELDS + _OPTIONAL + ("lat", "lon")}
     if shape is not None and (len(shape) != 3 or shape[0] != len(run_names)):
         raise ValueError(f"shape: {shape!r} does not match var_names {run_names} "
                          f"(expected (nvar={len(run_names)}, ny, nx))")
     with _open(path) as ds:
         if "obs" not in ds.dimensions:
             raise ValueError(f"{path}: missing dimension 'obs'")
-        missing = [f for f in _FIELDS if f not in ds.variables]
+        by_index = fname["x"] in ds.variables and fname["y"] in ds.variables
+        by_latlon = fname["lat"] in ds.variables and fname["lon"] in ds.variables
+        where = ("x", "y") if by_index or not (by_latlon and locate) else ("lat", "lon")
+        needed = ("value", "error_std", "var_index") + where
+        missing = [fname[f] for f in needed if fname[f] not in ds.variables]
         if missing:
-            raise ValueError(f"{path}: missing variable(s) {missing} (need {list(_FIELDS)})")
+            hint = "" if locate is None else " (locations: x and y in grid_index units, or lat and lon in degrees)"
+            raise ValueError(f"{path}: missing variable(s) {missing} (need {[fname[f] for f in needed]}){hint}")
         if "variable_names" not in ds.ncattrs():
             raise ValueError(f"{path}: missing global attribute 'variable_names'")
-        file_names = str(ds.getncattr("variable_names")).split()
+        file_names = [aliases.get(n, n) for n in str(ds.getncattr("variable_names")).split()]
         valid_time = (_iso(str(ds.getncattr("valid_time")), f"{path}: valid_time")
                       if "valid_time" in ds.ncattrs() else None)
         data = {}
-        for f in _FIELDS + tuple(f for f in _OPTIONAL if f in ds.variables):
-            var = ds.variables[f]
+        for f in needed + tuple(f for f in _OPTIONAL if fname[f] in ds.variables):
+            var = ds.variables[fname[f]]
             if var.dimensions != ("obs",):
-                raise ValueError(f"{path}: variable '{f}' has dimensions {var.dimensions}, "
+                raise ValueError(f"{path}: variable '{fname[f]}' has dimensions {var.dimensions}, "
                                  "expected ('obs',)")
             a = var[:]
             if np.ma.is_masked(a):
-                raise ValueError(f"{path}: variable '{f}' has {int(np.ma.count_masked(a))} "
+                raise ValueError(f"{path}: variable '{fname[f]}' has {int(np.ma.count_masked(a))} "
                                  "missing (fill) value(s)")
             data[f] = np.asarray(np.ma.getdata(a))
-        for c in ("x", "y"):
-            units = getattr(ds.variables[c], "units", None)
-            if units != "grid_index":
-                raise ValueError(f"{path}: variable '{c}' has units {units!r}, expected 'grid_index'")
+        if where == ("x", "y"):
+            for c in ("x", "y"):
+                units = getattr(ds.variables[fname[c]], "units", None)
+                if units != "grid_index":
+                    raise ValueError(f"{path}: variable '{fname[c]}' has units {units!r}, expected 'grid_index'")
         if not np.issubdtype(data["var_index"].dtype, np.integer):
-            raise ValueError(f"{path}: variable 'var_index' has type {data['var_index'].dtype}, "
+            raise ValueError(f"{path}: variable '{fname['var_index']}' has type {data['var_index'].dtype}, "
                              "expected an integer type")
 
     unknown = [n for n in file_names if n not in run_names]
@@ -232,34 +275,50 @@ def read_obs_file(path: str | os.PathLike, var_names: Sequence[str], *,
     if footprint is None:
         footprint = np.zeros(len(data["value"]))
     data["footprint"] = footprint
-    for f in ("value", "error_std", "x", "y", "footprint"):
+    for f in ("value", "error_std") + where + ("footprint",):
         bad = np.flatnonzero(~np.isfinite(data[f]))
         if bad.size:
-            raise ValueError(f"{path}: variable '{f}' has {bad.size} non-finite value(s), "
+            raise ValueError(f"{path}: variable '{fname[f]}' has {bad.size} non-finite value(s), "
                              f"first at obs {bad[0]}: {data[f][bad[0]]!r}")
     bad = np.flatnonzero(data["error_std"] <= 0)
     if bad.size:
-        raise ValueError(f"{path}: variable 'error_std' has {bad.size} value(s) <= 0, "
+        raise ValueError(f"{path}: variable '{fname['error_std']}' has {bad.size} value(s) <= 0, "
                          f"first at obs {bad[0]}: {data['error_std'][bad[0]]!r}")
     bad = np.flatnonzero((data["footprint"] < 0) | (data["footprint"] != np.round(data["footprint"])))
     if bad.size:
         raise ValueError(f"{path}: variable 'footprint' has {bad.size} value(s) that are not an integer >= 0 "
                          f"(0: point, w >= 1: w x w box), first at obs {bad[0]}: {float(data['footprint'][bad[0]])!r}")
-    if shape is not None:
+    x, y = data[where[0]].astype(np.float64), data[where[1]].astype(np.float64)
+    if locate is not None:
+        if where == ("x", "y"):
+            x, y = locate("index", x, y)
+        else:
+            x, y = locate("latlon", x, y)
+        out = ~(np.isfinite(x) & np.isfinite(y))
+        what = "outside the domain of the grid"
+    elif shape is not None:
         _, ny, nx = shape
-        for c, m in (("x", nx), ("y", ny)):
-            bad = np.flatnonzero((data[c] < 0) | (data[c] >= m))
-            if bad.size:
+        out = np.zeros(len(x), dtype=bool)
+        for c, v, m in (("x", x, nx), ("y", y, ny)):
+            bad = np.flatnonzero((v < 0) | (v >= m))
+            if bad.size and outside == "error":
                 raise ValueError(f"{path}: {bad.size} '{c}' coordinate(s) outside the grid "
-                                 f"[0, {m}), first at obs {bad[0]}: {data[c][bad[0]]!r}")
-
+                                 f"[0, {m}), first at obs {bad[0]}: {v[bad[0]]!r}")
+            out[bad] = True
+        what = "outside the grid"
+    else:
+        out = np.zeros(len(x), dtype=bool)
+    n_out = int(out.sum())
+    if n_out and outside == "error":
+        k = int(np.flatnonzero(out)[0])
+        raise ValueError(f"{path}: {n_out} observation(s) {what}, first at obs {k}: "
+                         f"{where[0]} = {data[where[0]][k]!r}, {where[1]} = {data[where[1]][k]!r}")
+    keep = ~out
     to_run = np.array([run_names.index(n) for n in file_names], dtype=np.int64)
-    obs = Observations(value=data["value"].astype(np.float64),
-                       error_std=data["error_std"].astype(np.float64),
-                       var_index=to_run[vi],
-                       x=data["x"].astype(np.float64),
-                       y=data["y"].astype(np.float64),
-                       footprint=data["footprint"].astype(np.float64))
+    obs = Observations(value=data["value"][keep].astype(np.float64),
+                       error_std=data["error_std"][keep].astype(np.float64),
+                       var_index=to_run[vi[keep]], x=x[keep], y=y[keep],
+                       footprint=data["footprint"][keep].astype(np.float64))
     if shape is not None and np.any(obs.footprint > 0):
         from coupler.assim.obs_operator import observation_operator
 
@@ -267,4 +326,4 @@ def read_obs_file(path: str | os.PathLike, var_names: Sequence[str], *,
             observation_operator(obs, shape)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-    return (obs, valid_time) if with_valid_time else obs
+    return obs, valid_time, n_out

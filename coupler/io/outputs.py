@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import numpy as np
 from coupler import __version__
 from coupler.io.atomic import atomic_path, write_text
 
-#: Grid dimensions and coordinates (named so that they never clash with a state variable 'x').
+#: Grid dimensions and coordinates of the in-line runs (named so that they never clash with a state variable 'x').
 XDIM, YDIM = "grid_x", "grid_y"
 DIAGNOSTIC_FIELDS = (
     "cycle", "step", "model_time", "status", "n_obs", "omb_mean", "omb_rms", "oma_mean", "oma_rms",
@@ -35,19 +36,60 @@ DIAGNOSTIC_FIELDS = (
 )
 
 
-class Grid:
-    """Coordinates of the ``(nvar, ny, nx)`` state for output files."""
+@dataclass(frozen=True)
+class Axis:
+    """A horizontal axis of the output files, as the archive a replay read it from has it.
 
-    def __init__(self, variables, nx: int, ny: int, dx_m: float, dy_m: float, start_time: str, time_unit_s: float):
+    Attributes:
+        dim: dimension (and coordinate variable) name, e.g. ``'lat'``.
+        values: coordinate values in *file* order, shape ``(n,)``.
+        attrs: attributes of the coordinate variable (units, standard_name, axis, ...).
+        flip: the file stores this axis in decreasing order (descending latitude): lodas
+            holds states in increasing order and reverses the axis on writing.
+    """
+
+    dim: str
+    values: np.ndarray
+    attrs: dict
+    flip: bool = False
+
+
+class Grid:
+    """Coordinates of the ``(nvar, ny, nx)`` state for output files.
+
+    By default (in-line runs) the axes are ``grid_x``/``grid_y`` in metres from ``&grid_nml
+    dx_m, dy_m``; a replay passes the axes of its archive (``x_axis``, ``y_axis``) so its
+    outputs have the archive's coordinates, names and latitude order.
+    """
+
+    def __init__(self, variables, nx: int, ny: int, dx_m: float, dy_m: float, start_time: str, time_unit_s: float,
+                 *, x_axis: Axis | None = None, y_axis: Axis | None = None):
         self.variables = list(variables)
         self.nx, self.ny, self.dx_m, self.dy_m = nx, ny, dx_m, dy_m
         self.start = datetime.fromisoformat(start_time)
         self.time_unit_s = time_unit_s
+        self.x_axis = x_axis or Axis(XDIM, np.arange(nx) * dx_m, dict(
+            units="m", axis="X", long_name="x of the grid point (periodic domain)"))
+        self.y_axis = y_axis or Axis(YDIM, np.arange(ny) * dy_m, dict(
+            units="m", axis="Y", long_name="y of the grid point (periodic domain)"))
 
     @classmethod
-    def from_config(cls, cfg) -> "Grid":
+    def from_config(cls, cfg, **axes) -> "Grid":
         g = cfg.grid
-        return cls(g.variables, g.nx, g.ny, g.dx_m, g.dy_m, cfg.coupler.start_time, g.time_unit_s)
+        return cls(g.variables, g.nx, g.ny, g.dx_m, g.dy_m, cfg.coupler.start_time, g.time_unit_s, **axes)
+
+    @property
+    def dims(self) -> tuple[str, str]:
+        """``(y dimension, x dimension)`` of 2-D fields in the files."""
+        return (self.y_axis.dim, self.x_axis.dim)
+
+    def to_file(self, field: np.ndarray) -> np.ndarray:
+        """A ``(..., ny, nx)`` field in the files' axis order (reversed where an axis is flipped)."""
+        if self.y_axis.flip:
+            field = field[..., ::-1, :]
+        if self.x_axis.flip:
+            field = field[..., ::-1]
+        return field
 
     def seconds(self, model_time: float) -> float:
         """Seconds since ``start_time`` of a host model time."""
@@ -61,16 +103,16 @@ class Grid:
         return f"seconds since {self.start.isoformat(sep=' ')}"
 
     def define(self, nc: netCDF4.Dataset, n_time: int | None) -> None:
-        nc.createDimension("time", n_time)
-        nc.createDimension(YDIM, self.ny)
-        nc.createDimension(XDIM, self.nx)
-        t = nc.createVariable("time", "f8", ("time",))
-        t.units, t.standard_name, t.calendar = self.time_units, "time", "proleptic_gregorian"
-        for name, axis, n, d in ((XDIM, "X", self.nx, self.dx_m), (YDIM, "Y", self.ny, self.dy_m)):
-            c = nc.createVariable(name, "f8", (name,))
-            c[:] = np.arange(n) * d
-            c.units, c.axis = "m", axis
-            c.long_name = f"{axis.lower()} of the grid point (periodic domain)"
+        """Dimensions and coordinate variables; ``n_time = 0``: no time dimension."""
+        if n_time != 0:
+            nc.createDimension("time", n_time)
+            t = nc.createVariable("time", "f8", ("time",))
+            t.units, t.standard_name, t.calendar = self.time_units, "time", "proleptic_gregorian"
+        for axis, n in ((self.y_axis, self.ny), (self.x_axis, self.nx)):
+            nc.createDimension(axis.dim, n)
+            c = nc.createVariable(axis.dim, "f8", (axis.dim,))
+            c[:] = np.asarray(axis.values, dtype=np.float64)
+            c.setncatts(dict(axis.attrs))
 
 
 def write_increment(path: Path, grid: Grid, increment: np.ndarray, spread: np.ndarray | None, *,
@@ -81,15 +123,59 @@ def write_increment(path: Path, grid: Grid, increment: np.ndarray, spread: np.nd
             grid.define(nc, 1)
             nc["time"][:] = [grid.seconds(model_time)]
             for v, name in enumerate(grid.variables):
-                var = nc.createVariable(f"{name}_inc", "f8", ("time", YDIM, XDIM))
-                var[0] = increment[v]
+                var = nc.createVariable(f"{name}_inc", "f8", ("time", *grid.dims))
+                var[0] = grid.to_file(increment[v])
                 var.long_name = f"analysis increment of {name}"
                 if spread is not None:
-                    s = nc.createVariable(f"{name}_spread", "f8", ("time", YDIM, XDIM))
-                    s[0] = spread[v]
+                    s = nc.createVariable(f"{name}_spread", "f8", ("time", *grid.dims))
+                    s[0] = grid.to_file(spread[v])
                     s.long_name = f"ensemble spread (standard deviation) of the analysis of {name}"
             nc.Conventions = "CF-1.8"
             nc.title = "lodas analysis increment"
+            nc.experiment, nc.method, nc.source = experiment, method, f"lodas {__version__}"
+            nc.cycle, nc.status = int(cycle), int(status)
+            nc.valid_time = grid.valid_time(model_time).isoformat()
+    return Path(path)
+
+
+@dataclass(frozen=True)
+class Fv3Field:
+    """One variable of an FV3-layout increment file: archive variable ``name`` with ``n_levels``
+    levels (0: a 2-D field without level dimension) and ``levels[k] = v``: level ``k``
+    (0-based) is state variable ``v``; levels not listed get a zero increment."""
+
+    name: str
+    n_levels: int
+    levels: dict
+
+
+def write_fv3_increment(path: Path, grid: Grid, increment: np.ndarray, fields: list[Fv3Field], *,
+                        level_values: np.ndarray | None, cycle: int, model_time: float, status: int, method: str,
+                        experiment: str) -> Path:
+    """Write one cycle's increment in the layout FV3's IAU reads (that of GSI's
+    ``write_fv3_increment``), atomically: ``<name>_inc(lev, lat, lon)`` per archive variable
+    (``<name>_inc(lat, lon)`` for one without levels), coordinates ``lat``, ``lon`` (degrees,
+    the archive's order) and ``lev``; no time dimension (the valid time is an attribute)."""
+    n_lev = max([f.n_levels for f in fields] + [1])
+    with atomic_path(path) as tmp:
+        with netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
+            grid.define(nc, 0)
+            nc.createDimension("lev", n_lev)
+            lev = nc.createVariable("lev", "f8", ("lev",))
+            lev[:] = np.arange(1, n_lev + 1) if level_values is None else np.asarray(level_values, dtype=np.float64)
+            lev.long_name = "level of the archive's level dimension"
+            for f in fields:
+                dims = (("lev",) if f.n_levels else ()) + grid.dims
+                var = nc.createVariable(f"{f.name}_inc", "f8", dims)
+                data = np.zeros(((f.n_levels,) if f.n_levels else ()) + (grid.ny, grid.nx))
+                for k, v in f.levels.items():
+                    if f.n_levels:
+                        data[k] = increment[v]
+                    else:
+                        data[...] = increment[v]
+                var[:] = grid.to_file(data)
+                var.long_name = f"analysis increment of {f.name}"
+            nc.title = "lodas analysis increment (FV3 IAU layout)"
             nc.experiment, nc.method, nc.source = experiment, method, f"lodas {__version__}"
             nc.cycle, nc.status = int(cycle), int(status)
             nc.valid_time = grid.valid_time(model_time).isoformat()
@@ -112,8 +198,8 @@ def write_trajectory(path: Path, grid: Grid, model_times, states: np.ndarray, *,
             mt[:] = np.asarray(model_times, dtype=np.float64)
             mt.long_name = "host model time"
             for v, name in enumerate(grid.variables):
-                var = nc.createVariable(name, "f8", ("time", YDIM, XDIM))
-                var[:] = states[:, v]
+                var = nc.createVariable(name, "f8", ("time", *grid.dims))
+                var[:] = grid.to_file(states[:, v])
             nc.Conventions, nc.title, nc.source = "CF-1.8", title, f"lodas {__version__}"
     return Path(path)
 
@@ -136,7 +222,7 @@ class RunOutputs:
     """The outputs of one driver run in ``run_dir`` (driver root only)."""
 
     def __init__(self, run_dir: str | Path, grid: Grid, *, method: str, experiment: str,
-                 write_increments: bool = True, keep_backgrounds: bool = False):
+                 write_increments: bool = True, keep_backgrounds: bool = False, jsonl: bool = True):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.grid, self.method, self.experiment = grid, method, experiment
@@ -144,7 +230,7 @@ class RunOutputs:
         self.rows: list[dict] = []
         self._times: list[float] = []
         self._states: list[np.ndarray] = []
-        self._jsonl = open(self.dir / "diagnostics.jsonl", "w", buffering=1)
+        self._jsonl = open(self.dir / "diagnostics.jsonl", "w", buffering=1) if jsonl else None
 
     def cycle(self, row: dict, increment: np.ndarray, spread: np.ndarray | None, background: np.ndarray | None) -> None:
         """Record one cycle: increment file, one diagnostics line, the background if kept."""
@@ -156,7 +242,8 @@ class RunOutputs:
             self._times.append(row["model_time"])
             self._states.append(np.array(background))
         self.rows.append(row)
-        self._jsonl.write(json.dumps({k: _json_value(v) for k, v in row.items()}) + "\n")
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({k: _json_value(v) for k, v in row.items()}) + "\n")
 
     def amend(self, cycle: int, **values) -> None:
         """Fill in figures that arrive one cycle late (the host's own put/get times)."""
@@ -166,7 +253,8 @@ class RunOutputs:
                 return
 
     def close(self, summary: dict) -> None:
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self.rows:
             self._write_diagnostics()
         if self.keep_backgrounds and self._states:
