@@ -123,19 +123,7 @@ class Replayer:
 
     # -- one cycle ------------------------------------------------------------------------
     def observations(self, cycle: Cycle):
-        """The observations of ``cycle`` (``&obs_nml obs_dir / file_template``) and how many
-        lay outside the domain."""
-        from coupler.io.obsfiles import read_observations
-
-        o = self.cfg.obs
-        path = Path(o.obs_dir) / render(o.file_template, cycle)
-        obs, valid, n_out = read_observations(path, self.cfg.grid.variables, shape=self.cfg.state_shape,
-                                              names=self.archive.obs_names, aliases=self.archive.obs_aliases,
-                                              locate=self.archive.locate, outside=self.cfg.replay.obs_outside)
-        if valid and valid != cycle.valid_time.isoformat():
-            raise ArchiveError(f"{path}: valid_time {valid} but cycle {cycle.index} is valid at "
-                               f"{cycle.valid_time.isoformat()}")
-        return obs, n_out
+        return cycle_observations(self.cfg, self.archive, cycle)
 
     def run_cycle(self, cycle: Cycle) -> dict:
         """Analyse one cycle and write its outputs, the record last; return the record."""
@@ -220,6 +208,8 @@ class Replayer:
         todo = None
         if comm.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
+            for stray in out.glob("**/.*.tmp-*"):      # left by a killed run: never a complete file
+                stray.unlink(missing_ok=True)
             self.cfg.write(out / "effective.nml")
             done = complete_cycles(out)
             todo = [c for c in self.archive.cycles if c.index not in done]
@@ -274,6 +264,21 @@ class Replayer:
             record_path(self.out, r["cycle"]) for r in rows)))
         outputs.close(summary)
         return summary
+
+
+def cycle_observations(cfg, archive: Archive, cycle: Cycle):
+    """The observations of ``cycle`` (``&obs_nml obs_dir / file_template``, located on the
+    archive's grid) and how many lay outside the domain."""
+    from coupler.io.obsfiles import read_observations
+
+    path = Path(cfg.obs.obs_dir) / render(cfg.obs.file_template, cycle)
+    obs, valid, n_out = read_observations(path, cfg.grid.variables, shape=cfg.state_shape, names=archive.obs_names,
+                                          aliases=archive.obs_aliases, locate=archive.locate,
+                                          outside=cfg.replay.obs_outside)
+    if valid and valid != cycle.valid_time.isoformat():
+        raise ArchiveError(f"{path}: valid_time {valid} but cycle {cycle.index} is valid at "
+                           f"{cycle.valid_time.isoformat()}")
+    return obs, n_out
 
 
 def _truth_archive(cfg) -> Archive:
