@@ -199,7 +199,8 @@ class Archive:
                                f"variables {self.variables} nor observation fields {list(OBS_FIELDS)}")
         self.sources = {v: vmap.get(v, (v, None)) for v in self.variables}    # state var -> (file var, level)
         self.obs_names = {k: v[0] for k, v in vmap.items() if k in OBS_FIELDS}
-        self.obs_aliases = {f: v for v, (f, lev) in self.sources.items() if lev is None and f != v}
+        files = [f for f, _ in self.sources.values()]     # observation files may name variables as the archive does
+        self.obs_aliases = {f: v for v, (f, _) in self.sources.items() if f != v and files.count(f) == 1}
         self.start = datetime.fromisoformat(cfg.coupler.start_time)
         self._times: dict[datetime, int] | None = None
         if is_template(self.template):

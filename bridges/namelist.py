@@ -146,6 +146,9 @@ class AssimNml:
     etkf_members: int = _key(40, doc="etkf (lodas bench and lodas train only): ensemble members", ge=2)
     inflation: float = _key(1.0, doc="etkf (lodas bench and lodas train only): multiplicative inflation of the "
                             "forecast anomalies (1: none)", gt=0)
+    threads: int = _key(1, doc="diffusion methods: torch CPU threads of each driver (or replay) rank; results are "
+                        "bit-reproducible for a given count (left alone, torch takes 1 under mpiexec and every core "
+                        "standalone, so in-line and replay runs would differ in the last bits)", ge=1)
     device: str = _key("auto", doc="device of each driver rank: auto (GPU if present), cpu, cuda",
                        choices=("auto", "cpu", "cuda"))
 

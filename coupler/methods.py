@@ -59,7 +59,11 @@ def make_method(cfg, covariance=None, device: str = "cpu") -> AssimilationMethod
     if a.method == "none":
         return None
     if a.method in ENSEMBLE_METHODS:
+        import torch
+
         from coupler.assim.latent_da import LatentDiffusionAssimilation
+
+        torch.set_num_threads(a.threads)
 
         return LatentDiffusionAssimilation.from_config(cfg, checkpoint_path(cfg), device=device)
     if a.method == "3dvar":
