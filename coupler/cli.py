@@ -169,6 +169,16 @@ def cmd_check(args) -> int:
         ckpt_line = (f"# checkpoint {path}: latent {tuple(ck.meta['latent_shape'])}, trained on "
                      f"{ck.meta.get('testbed', '?')} seed {ck.meta.get('train_seed', '?')}, "
                      f"lodas {ck.meta.get('lodas_version', '?')}")
+    replay_line = None
+    if cfg.replay is not None:                   # the archive must exist and fit the grid
+        from bridges.archive import Archive
+
+        arch = Archive(cfg)
+        c0, c1 = arch.cycles[0], arch.cycles[-1]
+        replay_line = (f"# replay: {len(arch.cycles)} cycles, {c0.valid_time.isoformat()} (cycle {c0.index}) .. "
+                       f"{c1.valid_time.isoformat()} (cycle {c1.index}); grid axes {arch.y_axis.dim} x "
+                       f"{arch.x_axis.dim}" + (" (stored descending)" if arch.y_axis.flip else "")
+                       + f"; first background {arch.background_file(c0)}")
     print(f"# {cfg.path}: valid. Effective configuration:")
     print(_namelist_text(cfg.to_namelist()).rstrip())
     print("# rank layout")
@@ -176,6 +186,8 @@ def cmd_check(args) -> int:
         print(line)
     if ckpt_line:
         print(ckpt_line)
+    if replay_line:
+        print(replay_line)
     _emit({"valid": True, "namelist": str(cfg.path), "host_ranks": cfg.coupler.host_ranks,
            "driver_ranks": cfg.coupler.driver_ranks, "method": cfg.assim.method,
            "output_dir": cfg.coupler.output_dir}, args.json)

@@ -229,6 +229,9 @@ class Replayer:
             if bar is not None:                        # the ranks advance together (round robin)
                 bar.update(min(comm.size, len(todo) - bar.n))
         errors = comm.allreduce([error] if error else [])
+        import resource
+
+        rss_mb = comm.allreduce([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])   # KiB on Linux
         if bar is not None:
             bar.update(len(todo) - bar.n)
             bar.close()
@@ -236,6 +239,7 @@ class Replayer:
         if comm.rank != 0:
             return {}
         summary = self._finish(len(todo), wall)
+        summary["peak_rss_mb"] = max(rss_mb)            # the largest resident set of any rank
         if errors:
             summary["error"] = errors[0]
         return summary
