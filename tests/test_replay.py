@@ -443,3 +443,25 @@ def test_a_template_without_first_time_and_a_level_choice_are_namelist_errors(go
     lev = write_archive(tmp_path / "lev", descending=False, order="yx", names=("h", "t"), levels=3)
     expect_error(latlon_namelist(tmp_path / "l.nml", lev, obs, tmp_path / "out2"),
                  "has 3 levels along 'pfull'", "'t=t:<level 1..3>'")
+
+
+# ------------------------------------------------------------------ diag and plot on replay outputs
+def test_diag_and_plot_of_a_replay(archive_3dvar, tmp_path):
+    out = tmp_path / "out"
+    proc, s = replay(replay_namelist(tmp_path / "r.nml", archive_3dvar, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = lodas("diag", str(out), "--json")
+    assert d.returncode == 0, d.stderr
+    figures = json.loads(d.stdout.strip().splitlines()[-1])
+    rows = [json.loads(l) for l in (out / "diagnostics.jsonl").read_text().splitlines()]
+    omb = np.sqrt(np.mean([r["omb_rms"] ** 2 for r in rows]))
+    assert figures["stats"]["omb_rms"]["mean"] == pytest.approx(omb, rel=1e-9)
+    for spec in ("3", "2000-01-02T00:00:00"):                     # cycle 3 by index and by valid time
+        p = lodas("plot", str(out), "--cycle", spec, "--json")
+        assert p.returncode == 0, p.stderr
+        png = Path(p.stdout.strip().splitlines()[0])
+        assert png.name == "cycle_000003_x.png" and png.stat().st_size > 10_000
+    bad = lodas("plot", str(out), "--cycle", "99")
+    assert bad.returncode == 2 and "no cycle 99" in bad.stderr and "Traceback" not in bad.stderr
+    inline = lodas("plot", str(archive_3dvar / "assim"))              # an in-line run directory too
+    assert inline.returncode == 0 and inline.stdout.strip().endswith("cycle_000011_x.png"), inline.stderr
