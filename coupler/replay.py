@@ -136,7 +136,7 @@ class Replayer:
             background = self.archive.read_background(cycle)
         except ArchiveError as exc:
             if self.cfg.replay.on_bad_cycle == "stop":
-                raise
+                raise ArchiveError(f"{exc} (&replay_nml on_bad_cycle = 'stop')") from None
             background = np.zeros(self.cfg.state_shape)
             outcome = CycleOutcome(Status.NO_BACKGROUND, background, None,
                                    f"cycle {cycle.index}: {exc} (&replay_nml on_bad_cycle = 'skip')")
@@ -157,7 +157,7 @@ class Replayer:
                 extra["analysis_s"] = time.perf_counter() - t_a
             except ArchiveError as exc:
                 if self.cfg.replay.on_bad_cycle == "stop":
-                    raise
+                    raise ArchiveError(f"{exc} (&replay_nml on_bad_cycle = 'stop')") from None
                 outcome = CycleOutcome(Status.NO_OBSERVATIONS, np.zeros_like(background), None,
                                        f"cycle {cycle.index}: {exc} (&replay_nml on_bad_cycle = 'skip')")
             except FatalCycleError as exc:
@@ -223,8 +223,8 @@ class Replayer:
         for cycle in mine:
             try:
                 self.run_cycle(cycle)
-            except ArchiveError as exc:                # on_bad_cycle = 'stop'
-                error = f"cycle {cycle.index}: {exc} (&replay_nml on_bad_cycle = 'stop')"
+            except ArchiveError as exc:                # on_bad_cycle = 'stop', or &obs_nml on_missing = 'error'
+                error = f"cycle {cycle.index}: {exc}"
                 break
             if bar is not None:                        # the ranks advance together (round robin)
                 bar.update(min(comm.size, len(todo) - bar.n))
