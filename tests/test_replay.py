@@ -351,7 +351,14 @@ def test_fv3_layout_increments(tmp_path):
     proc, s = replay(nml)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cf_out = tmp_path / "cf"
-    proc, _ = replay(nml, *sets(f"coupler_nml.output_dir='{cf_out}'", "replay_nml.increment_layout='cf'"))
+    proc, _ = replay(nml, *sets(f"coupler_nml.output_dir='{cf_out}'", "replay_nml.increment_layout='cf'",
+                                "replay_nml.write_analysis=.true."))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with netCDF4.Dataset(cf_out / "analyses" / "ana_000002.nc") as ana, \
+            netCDF4.Dataset(cf_out / "increments" / "inc_000002.nc") as inc, \
+            netCDF4.Dataset(tmp_path / "bg" / "bg_2021030112.nc") as bg:   # analysis = background + increment
+        np.testing.assert_allclose(ana["h"][0], bg["zg"][0] + inc["h_inc"][0], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(ana["t"][0], bg["temp"][0, 1] + inc["t_inc"][0], rtol=0, atol=1e-9)
     with netCDF4.Dataset(out / "increments" / "inc_000002.nc") as nc, \
             netCDF4.Dataset(cf_out / "increments" / "inc_000002.nc") as cf:
         assert nc["temp_inc"].dimensions == ("lev", "latitude", "longitude")
