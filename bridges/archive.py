@@ -66,7 +66,8 @@ class Cycle:
 
 
 def render(template: str, cycle: Cycle) -> str:
-    """A file name template for one cycle: ``{cycle}`` then strftime codes of its valid time."""
+    """A file name template for one cycle: ``{cycle}`` then strftime codes of its valid time
+    (the rule of :meth:`coupler.io.outputs.Grid.file_name`)."""
     return cycle.valid_time.strftime(template.format(cycle=cycle.index))
 
 

@@ -230,7 +230,7 @@ def file_observations(obs_dir: str | Path, template: str, variables: list[str], 
     from coupler.io.obsfiles import read_obs_file
 
     def load(cycle: int, model_time: float) -> Observations:
-        path = Path(obs_dir) / template.format(cycle=cycle)
+        path = Path(obs_dir) / grid.file_name(template, cycle, model_time)
         obs, valid = read_obs_file(path, variables, shape=shape, with_valid_time=True)
         expected = grid.valid_time(model_time).isoformat()
         if valid and valid != expected:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from coupler.io.outputs import Grid
+
 
 def _pyplot():
     import matplotlib
@@ -87,9 +89,10 @@ def plot_cycle(out: Path, cfg, cycle: int, variable: str | None = None) -> Path:
     var = variable or names[-1]
     v = names.index(var)
     _, truth = read_trajectory(out / "nature" / "backgrounds.nc", names)
-    _, bgs = read_trajectory(out / "assim" / "backgrounds.nc", names)
+    times, bgs = read_trajectory(out / "assim" / "backgrounds.nc", names)
     inc = read_increment(out / "assim" / "increments" / f"inc_{cycle:06d}.nc", names)
-    obs = read_obs_file(out / "obs" / cfg.obs.file_template.format(cycle=cycle), names, shape=cfg.state_shape)
+    obs = read_obs_file(out / "obs" / Grid.from_config(cfg).file_name(cfg.obs.file_template, cycle, times[cycle]),
+                        names, shape=cfg.state_shape)
     sel = obs.var_index == v
     fields = {"truth": truth[cycle, v], "background": bgs[cycle, v], "analysis": bgs[cycle, v] + inc[v]}
     return plot_panels(out / f"cycle_{cycle:06d}_{var}.png",
@@ -138,7 +141,6 @@ def _choose_cycle(out: Path, rows: list[dict], spec: str | None, grid) -> dict:
 def main_plot(args) -> int:
     """``lodas plot OUTPUT_DIR [--cycle T] [--variable V]``: write PNGs, print their paths."""
     from bridges.namelist import load
-    from coupler.io.outputs import Grid
 
     out = Path(args.output_dir)
     nml = out / "effective.nml"
@@ -153,7 +155,7 @@ def main_plot(args) -> int:
     rows = _records(out)
     row = _choose_cycle(out, rows, args.cycle, Grid.from_config(cfg))
     c = row["cycle"]
-    background, inc, spread, obs = _cycle_fields(out, cfg, c, names)
+    background, inc, spread, obs = _cycle_fields(out, cfg, c, row["model_time"], names)
     pngs = []
     for var in chosen:
         v = names.index(var)
@@ -174,7 +176,7 @@ def main_plot(args) -> int:
     return 0
 
 
-def _cycle_fields(out: Path, cfg, cycle: int, names: list[str]):
+def _cycle_fields(out: Path, cfg, cycle: int, model_time: float, names: list[str]):
     """``(background or None, increment, spread or None, observations or None)`` of a cycle,
     as ``(nvar, ny, nx)`` arrays with axes increasing."""
     import netCDF4
@@ -205,8 +207,8 @@ def _cycle_fields(out: Path, cfg, cycle: int, names: list[str]):
             _, states = read_trajectory(out / "backgrounds.nc", names)
             background = states[cycle] if cycle < len(states) else None
         try:
-            obs = read_obs_file(Path(cfg.obs.obs_dir) / cfg.obs.file_template.format(cycle=cycle), names,
-                                shape=cfg.state_shape)
+            obs = read_obs_file(Path(cfg.obs.obs_dir) / Grid.from_config(cfg).file_name(
+                cfg.obs.file_template, cycle, model_time), names, shape=cfg.state_shape)
         except (ValueError, FileNotFoundError):
             obs = None
     with netCDF4.Dataset(inc_file) as nc:

@@ -144,7 +144,8 @@ def run_twin(cfg, *, plot: bool = False) -> dict:
     network = network_from_config(cfg, cfg.coupler.seed)    # streams [seed, 1] and [seed, 2, c]
     for c, (t, x_t) in enumerate(zip(times, truth)):
         obs = synthesize_cycle(x_t, network, seed=cfg.coupler.seed, cycle=c)
-        write_obs_file(obs_dir / cfg.obs.file_template.format(cycle=c), obs, cfg.grid.variables, c, grid.valid_time(t))
+        write_obs_file(obs_dir / grid.file_name(cfg.obs.file_template, c, t), obs, cfg.grid.variables, c,
+                       grid.valid_time(t))
     log.info("observations: %d per cycle (%s), %d cycles, in %s", len(network), ", ".join(cfg.obs.network),
              len(times), obs_dir)
 

@@ -472,3 +472,17 @@ def test_diag_and_plot_of_a_replay(archive_3dvar, tmp_path):
     assert bad.returncode == 2 and "no cycle 99" in bad.stderr and "Traceback" not in bad.stderr
     inline = lodas("plot", str(archive_3dvar / "assim"))              # an in-line run directory too
     assert inline.returncode == 0 and inline.stdout.strip().endswith("cycle_000011_x.png"), inline.stderr
+
+
+def test_observation_files_named_by_valid_time_in_line_and_in_replay(hosts, tmp_path):
+    """&obs_nml file_template with strftime codes: the twin writes, the in-line driver and replay read them."""
+    tpl = "obs_nml.file_template='obs_%Y%m%d%H.nc'"
+    arch = twin(tmp_path / "twin", tpl, "l96_nml.n_cycles=4", "twin_nml.free_run=.false.")
+    names = sorted(p.name for p in (arch / "obs").glob("obs_*.nc"))
+    assert names == ["obs_2000010106.nc", "obs_2000010112.nc", "obs_2000010118.nc", "obs_2000010200.nc"]
+    s = json.loads((arch / "twin_summary.json").read_text())
+    assert s["assim"]["status_counts"] == {"ok": 4}
+    out = tmp_path / "out"
+    proc, r = replay(replay_namelist(tmp_path / "r.nml", arch, out), *sets(tpl))
+    assert proc.returncode == 0 and r["status_counts"] == {"ok": 4}, proc.stderr[-2000:]
+    assert np.array_equal(increments(out), increments(arch / "assim"))

@@ -98,6 +98,11 @@ class Grid:
     def valid_time(self, model_time: float) -> datetime:
         return self.start + timedelta(seconds=self.seconds(model_time))
 
+    def file_name(self, template: str, cycle: int, model_time: float) -> str:
+        """A per-cycle file name: ``{cycle}`` (0-based cycle index), then strftime codes of the
+        valid time (``&obs_nml file_template``, ``&replay_nml background_file``)."""
+        return self.valid_time(model_time).strftime(template.format(cycle=cycle))
+
     @property
     def time_units(self) -> str:
         return f"seconds since {self.start.isoformat(sep=' ')}"
