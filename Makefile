@@ -36,6 +36,8 @@ bench: build
 	$(PY) benchmarks/coupling_overhead.py
 	$(PY) -m coupler bench l96 --methods none,3dvar,etkf,dps,sda,lo-sda --cycles 1200 --set twin_nml.spinup_cycles=200
 	$(PY) -m coupler bench sw --methods none,3dvar,dps,sda,lo-sda --cycles 120 --set twin_nml.spinup_cycles=20
+	$(PY) benchmarks/replay_throughput.py
+#   longer: $(PY) benchmarks/lo_sda_scaling.py   (LO-SDA steps / iterations / members, ~25 min)
 
 train: build
 	$(PY) -m coupler train namelists/l96_train.nml
