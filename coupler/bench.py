@@ -65,6 +65,10 @@ def bench(cfg, methods: list[str], *, n_cycles: int | None = None, seed: int | N
         s = run_method(exp, make_method(mcfg, covariance=exp.covariance))
         result["methods"][name] = {k: s[k] for k in ("analysis_rmse", "background_rmse", "wall_s_per_cycle",
                                                      "status_counts", "analysis_rmse_per_variable")}
+    ref = result["methods"].get("3dvar")
+    if ref:                                        # cost relative to 3D-Var in the same run
+        for m in result["methods"].values():
+            m["time_ratio_to_3dvar"] = m["wall_s_per_cycle"] / ref["wall_s_per_cycle"]
     if not quiet:
         print(format_table(result))
     return result
@@ -74,9 +78,12 @@ def format_table(result: dict) -> str:
     published = result.get("published", {})
     lines = [f"{result['testbed']} skill: {result['cycles']} cycles ({result['spinup_cycles']} spin-up), "
              f"{result['n_obs_per_cycle']} obs/cycle, seed {result['seed']}",
-             f"{'method':<10}{'analysis RMSE':>15}{'background RMSE':>17}{'published':>11}{'s/cycle':>11}"]
+             f"{'method':<10}{'analysis RMSE':>15}{'background RMSE':>17}{'published':>11}{'s/cycle':>11}"
+             f"{'x 3D-Var':>10}"]
     for name, m in result["methods"].items():
         pub = published.get(name)
+        ratio = m.get("time_ratio_to_3dvar")
         lines.append(f"{name:<10}{m['analysis_rmse']:>15.4f}{m['background_rmse']:>17.4f}"
-                     f"{(f'{pub:.2f}' if pub else '-'):>11}{m['wall_s_per_cycle']:>11.2e}")
+                     f"{(f'{pub:.2f}' if pub else '-'):>11}{m['wall_s_per_cycle']:>11.2e}"
+                     f"{(f'{ratio:.3g}' if ratio is not None else '-'):>10}")
     return "\n".join(lines)

@@ -1,6 +1,8 @@
 """The skill harness: every method on the same truth and observations, the --json contract."""
 import json
 
+import pytest
+
 from tests.conftest import lodas
 
 
@@ -16,6 +18,8 @@ def test_bench_l96_json_contract_and_ordering():
         assert {"analysis_rmse", "background_rmse", "wall_s_per_cycle"} <= set(m[name]), m[name]
     assert m["3dvar"]["analysis_rmse"] < 0.6 < 3.0 < m["none"]["analysis_rmse"]
     assert m["etkf"]["analysis_rmse"] < 0.8 * m["3dvar"]["analysis_rmse"]
+    assert m["3dvar"]["time_ratio_to_3dvar"] == 1.0
+    assert m["etkf"]["time_ratio_to_3dvar"] == pytest.approx(m["etkf"]["wall_s_per_cycle"] / m["3dvar"]["wall_s_per_cycle"])
 
 
 def test_bench_rejects_a_namelist_of_the_other_testbed():
