@@ -66,9 +66,10 @@ class Cycle:
 
 
 def render(template: str, cycle: Cycle) -> str:
-    """A file name template for one cycle: ``{cycle}`` then strftime codes of its valid time
-    (the rule of :meth:`coupler.io.outputs.Grid.file_name`)."""
-    return cycle.valid_time.strftime(template.format(cycle=cycle.index))
+    """A file name template for one cycle (:func:`coupler.io.outputs.cycle_file_name`)."""
+    from coupler.io.outputs import cycle_file_name
+
+    return cycle_file_name(template, cycle.index, cycle.valid_time)
 
 
 def is_template(name: str) -> bool:
@@ -360,7 +361,7 @@ class Archive:
         tdim = self._time_dim(ds, file)
         if tdim is None:
             return 0
-        if self._times is not None and not is_template(self.template):
+        if self._times is not None:                  # the single archive file: times decoded once
             times = self._times
         else:
             times = {t: k for k, t in enumerate(decode_times(ds.variables[tdim], str(file)))}

@@ -101,20 +101,6 @@ def plot_cycle(out: Path, cfg, cycle: int, variable: str | None = None) -> Path:
 
 
 # -- lodas plot OUTPUT_DIR -------------------------------------------------------------------
-def _records(out: Path) -> list[dict]:
-    rows = {}
-    jl = out / "diagnostics.jsonl"
-    if jl.is_file():
-        for line in jl.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                rows[r["cycle"]] = r
-    for p in sorted((out / "records").glob("cycle_*.json")) if (out / "records").is_dir() else []:
-        r = json.loads(p.read_text())
-        rows[r["cycle"]] = r
-    return [rows[k] for k in sorted(rows)]
-
-
 def _choose_cycle(out: Path, rows: list[dict], spec: str | None, grid) -> dict:
     if not rows:
         raise ValueError(f"{out}: no cycles recorded (no diagnostics.jsonl or records/): expected the output "
@@ -152,7 +138,9 @@ def main_plot(args) -> int:
     for v in chosen:
         if v not in names:
             raise ValueError(f"--variable {v!r}: not a state variable of {nml} ({names})")
-    rows = _records(out)
+    from coupler.diag import read_rows
+
+    rows, _ = read_rows(out)
     row = _choose_cycle(out, rows, args.cycle, Grid.from_config(cfg))
     c = row["cycle"]
     background, inc, spread, obs = _cycle_fields(out, cfg, c, row["model_time"], names)

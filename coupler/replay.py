@@ -30,10 +30,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,30 +39,20 @@ import numpy as np
 
 from bridges.archive import Archive, ArchiveError, Cycle, render
 from bridges.status import Status
+from coupler.diag import RECORDS_DIR, read_rows
 
 log = logging.getLogger("lodas")
 
-RECORDS = "records"
-
-
 def record_path(out: Path, cycle: int) -> Path:
-    return out / RECORDS / f"cycle_{cycle:06d}.json"
+    return out / RECORDS_DIR / f"cycle_{cycle:06d}.json"
 
 
 def complete_cycles(out: Path) -> set[int]:
-    """Cycles whose record exists with status ok."""
-    done = set()
-    folder = out / RECORDS
-    if not folder.is_dir():
-        return done
-    for p in folder.glob("cycle_*.json"):
-        try:
-            row = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue                       # unreadable: redo it
-        if row.get("status") == int(Status.OK):
-            done.add(int(row["cycle"]))
-    return done
+    """Cycles whose record (or line of a previous run's diagnostics.jsonl) says status ok."""
+    if not out.is_dir():
+        return set()
+    rows, _ = read_rows(out)
+    return {r["cycle"] for r in rows if r.get("status") == int(Status.OK)}
 
 
 class _Serial:
@@ -144,10 +132,8 @@ class Replayer:
             def observe(_c, _t):
                 try:
                     obs, extra["n_obs_outside"] = self.observations(cycle)
-                except ArchiveError:
-                    raise
                 except ValueError as exc:           # a malformed observation file: an archive problem
-                    raise ArchiveError(str(exc)) from None
+                    raise exc if isinstance(exc, ArchiveError) else ArchiveError(str(exc)) from None
                 return obs
 
             try:
@@ -205,18 +191,24 @@ class Replayer:
         """Run every cycle not yet complete; the root returns the summary (others ``{}``)."""
         comm, out = self.comm, self.out
         t_start = time.perf_counter()
-        todo = None
+        task = None
         if comm.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            for stray in out.glob("**/.*.tmp-*"):      # left by a killed run: never a complete file
-                stray.unlink(missing_ok=True)
-            self.cfg.write(out / "effective.nml")
-            done = complete_cycles(out)
-            todo = [c for c in self.archive.cycles if c.index not in done]
-            if done:
-                log.info("%d of %d cycles already complete in %s: skipped", len(self.archive.cycles) - len(todo),
-                         len(self.archive.cycles), out)
-        todo = comm.bcast(todo, root=0)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                for stray in out.glob("**/.*.tmp-*"):      # left by a killed run: never a complete file
+                    stray.unlink(missing_ok=True)
+                self.cfg.write(out / "effective.nml")
+                done = complete_cycles(out)
+                task = [c for c in self.archive.cycles if c.index not in done]
+                if done:
+                    log.info("%d of %d cycles already complete in %s: skipped", len(self.archive.cycles) - len(task),
+                             len(self.archive.cycles), out)
+            except (OSError, ValueError) as exc:           # e.g. an output directory that cannot be written
+                task = f"&coupler_nml output_dir = '{out}': {exc}"
+        task = comm.bcast(task, root=0)                    # every rank stops together on an error
+        if isinstance(task, str):
+            raise ArchiveError(task)
+        todo = task
         mine = todo[comm.rank::comm.size]
         bar = _progress(len(todo), progress and comm.rank == 0 and todo)
         error = ""
@@ -247,26 +239,20 @@ class Replayer:
     def _finish(self, n_run: int, wall: float) -> dict:
         from coupler.driver import summarize
         from coupler.io.atomic import write_text
-        from coupler.io.outputs import RunOutputs
+        from coupler.io.outputs import _json_value, write_diagnostics
 
-        rows = []
-        for c in self.archive.cycles:
-            p = record_path(self.out, c.index)
-            if p.is_file():
-                rows.append(json.loads(p.read_text()))
-        nan_rows = [{k: (math.nan if v is None else v) for k, v in row.items()} for row in rows]
-        outputs = RunOutputs(self.out, self.grid, method=self.cfg.assim.method, experiment=self.cfg.coupler.experiment,
-                             write_increments=False, jsonl=False)
-        outputs.rows = nan_rows
-        summary = summarize(nan_rows, self.cfg.twin.spinup_cycles, list(self.cfg.grid.variables))
+        cycles = {c.index for c in self.archive.cycles}
+        rows = [r for r in read_rows(self.out)[0] if r["cycle"] in cycles]
+        summary = summarize(rows, self.cfg.twin.spinup_cycles, list(self.cfg.grid.variables))
         summary.update(output_dir=str(self.out), method=self.cfg.assim.method, ranks=self.comm.size,
-                       cycles_total=len(self.archive.cycles), cycles_run=n_run,
-                       cycles_skipped_complete=len(self.archive.cycles) - n_run, wall_s_total=wall,
-                       cycles_per_s=(n_run / wall if wall > 0 else None), device=self.device,
-                       ok=all(r["status"] == int(Status.OK) for r in rows) and len(rows) == len(self.archive.cycles))
-        write_text(self.out / "diagnostics.jsonl", "".join(p.read_text() for p in (
-            record_path(self.out, r["cycle"]) for r in rows)))
-        outputs.close(summary)
+                       cycles_total=len(cycles), cycles_run=n_run, cycles_skipped_complete=len(cycles) - n_run,
+                       wall_s_total=wall, cycles_per_s=(n_run / wall if wall > 0 else None), device=self.device,
+                       ok=len(rows) == len(cycles) and all(r["status"] == int(Status.OK) for r in rows))
+        write_text(self.out / "diagnostics.jsonl",
+                   "".join(json.dumps({k: _json_value(v) for k, v in r.items()}) + "\n" for r in rows))
+        if rows:
+            write_diagnostics(self.out / "diagnostics.nc", rows, self.cfg.assim.method)
+        write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
 
@@ -327,7 +313,12 @@ def main_replay(args) -> int:
         if comm.rank == 0:
             print(f"lodas: error: {errors[0]}", file=sys.stderr)
         return 2
-    summary = replayer.run(progress=not args.no_progress)
+    try:
+        summary = replayer.run(progress=not args.no_progress)
+    except ArchiveError as exc:                             # raised on every rank together
+        if comm.rank == 0:
+            print(f"lodas: error: {exc}", file=sys.stderr)
+        return 2
     if comm.rank != 0:
         return 0
     counts = summary.get("status_counts", {})
@@ -344,10 +335,8 @@ def main_replay(args) -> int:
 
 
 def _world():
-    """The replay communicator and node-local rank: MPI when launched by mpiexec (or when mpi4py
-    is importable), with an abort hook so that an unexpected exception on one rank ends the job."""
-    if os.environ.get("LODAS_NO_MPI"):
-        return _Serial(), 0
+    """The replay communicator (``COMM_WORLD``: one rank standalone, N under ``mpiexec -n N``) and the
+    node-local rank, with an abort hook so that an unexpected exception on one rank ends the job."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD

@@ -486,3 +486,12 @@ def test_observation_files_named_by_valid_time_in_line_and_in_replay(hosts, tmp_
     proc, r = replay(replay_namelist(tmp_path / "r.nml", arch, out), *sets(tpl))
     assert proc.returncode == 0 and r["status_counts"] == {"ok": 4}, proc.stderr[-2000:]
     assert np.array_equal(increments(out), increments(arch / "assim"))
+
+
+def test_an_output_directory_that_cannot_be_made_is_a_clear_error_on_every_rank(archive_3dvar, tmp_path):
+    (tmp_path / "plain_file").write_text("not a directory")
+    nml = replay_namelist(tmp_path / "r.nml", archive_3dvar, tmp_path / "plain_file" / "out")
+    for ranks in (1, 2):
+        proc, _ = replay(nml, ranks=ranks)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert "&coupler_nml output_dir" in proc.stderr and "plain_file" in proc.stderr

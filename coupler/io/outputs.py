@@ -36,6 +36,12 @@ DIAGNOSTIC_FIELDS = (
 )
 
 
+def cycle_file_name(template: str, cycle: int, valid_time: datetime) -> str:
+    """A per-cycle file name: ``{cycle}`` (0-based cycle index), then strftime codes of the
+    valid time (``&obs_nml file_template``, ``&replay_nml background_file``)."""
+    return valid_time.strftime(template.format(cycle=cycle))
+
+
 @dataclass(frozen=True)
 class Axis:
     """A horizontal axis of the output files, as the archive a replay read it from has it.
@@ -99,9 +105,8 @@ class Grid:
         return self.start + timedelta(seconds=self.seconds(model_time))
 
     def file_name(self, template: str, cycle: int, model_time: float) -> str:
-        """A per-cycle file name: ``{cycle}`` (0-based cycle index), then strftime codes of the
-        valid time (``&obs_nml file_template``, ``&replay_nml background_file``)."""
-        return self.valid_time(model_time).strftime(template.format(cycle=cycle))
+        """:func:`cycle_file_name` of the cycle at host model time ``model_time``."""
+        return cycle_file_name(template, cycle, self.valid_time(model_time))
 
     @property
     def time_units(self) -> str:
@@ -227,7 +232,7 @@ class RunOutputs:
     """The outputs of one driver run in ``run_dir`` (driver root only)."""
 
     def __init__(self, run_dir: str | Path, grid: Grid, *, method: str, experiment: str,
-                 write_increments: bool = True, keep_backgrounds: bool = False, jsonl: bool = True):
+                 write_increments: bool = True, keep_backgrounds: bool = False):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.grid, self.method, self.experiment = grid, method, experiment
@@ -235,7 +240,7 @@ class RunOutputs:
         self.rows: list[dict] = []
         self._times: list[float] = []
         self._states: list[np.ndarray] = []
-        self._jsonl = open(self.dir / "diagnostics.jsonl", "w", buffering=1) if jsonl else None
+        self._jsonl = open(self.dir / "diagnostics.jsonl", "w", buffering=1)
 
     def cycle(self, row: dict, increment: np.ndarray, spread: np.ndarray | None, background: np.ndarray | None) -> None:
         """Record one cycle: increment file, one diagnostics line, the background if kept."""
@@ -247,8 +252,7 @@ class RunOutputs:
             self._times.append(row["model_time"])
             self._states.append(np.array(background))
         self.rows.append(row)
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps({k: _json_value(v) for k, v in row.items()}) + "\n")
+        self._jsonl.write(json.dumps({k: _json_value(v) for k, v in row.items()}) + "\n")
 
     def amend(self, cycle: int, **values) -> None:
         """Fill in figures that arrive one cycle late (the host's own put/get times)."""
@@ -258,27 +262,30 @@ class RunOutputs:
                 return
 
     def close(self, summary: dict) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
+        self._jsonl.close()
         if self.rows:
-            self._write_diagnostics()
+            write_diagnostics(self.dir / "diagnostics.nc", self.rows, self.method)
         if self.keep_backgrounds and self._states:
             write_trajectory(self.dir / "backgrounds.nc", self.grid, self._times, np.stack(self._states),
                              title="lodas background trajectory")
         write_text(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
-    def _write_diagnostics(self) -> None:
-        with atomic_path(self.dir / "diagnostics.nc") as tmp:
-            with netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
-                nc.createDimension("cycle", len(self.rows))
-                for key in DIAGNOSTIC_FIELDS:
-                    values = [r.get(key, math.nan) for r in self.rows]
-                    kind = "i8" if key in ("cycle", "step", "status", "n_obs") else "f8"
-                    if kind == "i8":
-                        values = [-1 if (v is None or (isinstance(v, float) and math.isnan(v))) else v for v in values]
-                    var = nc.createVariable(key, kind, ("cycle",))
-                    var[:] = np.asarray(values, dtype=np.int64 if kind == "i8" else np.float64)
-                nc.title, nc.method, nc.source = "lodas per-cycle diagnostics", self.method, f"lodas {__version__}"
+
+def write_diagnostics(path: Path, rows: list[dict], method: str) -> Path:
+    """The per-cycle diagnostics table ``rows`` as netCDF (one variable per
+    :data:`DIAGNOSTIC_FIELDS` key along ``cycle``; NaN or -1 where missing), atomically."""
+    with atomic_path(path) as tmp:
+        with netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
+            nc.createDimension("cycle", len(rows))
+            for key in DIAGNOSTIC_FIELDS:
+                values = [r.get(key, math.nan) for r in rows]
+                kind = "i8" if key in ("cycle", "step", "status", "n_obs") else "f8"
+                if kind == "i8":
+                    values = [-1 if (v is None or (isinstance(v, float) and math.isnan(v))) else v for v in values]
+                var = nc.createVariable(key, kind, ("cycle",))
+                var[:] = np.asarray(values, dtype=np.int64 if kind == "i8" else np.float64)
+            nc.title, nc.method, nc.source = "lodas per-cycle diagnostics", method, f"lodas {__version__}"
+    return Path(path)
 
 
 def _json_value(v):
