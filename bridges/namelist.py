@@ -260,6 +260,14 @@ class TrainNml:
     forecast_leads: list[int] = _key([1], doc="forecast leads (in cycles) of the backgrounds made from each source: "
                                      "lead k is the source's analysis of k cycles before integrated k cycles (wider "
                                      "background errors of the same flow-dependent kind)", ge=1)
+    self_cycling_rounds: int = _key(0, doc="rounds of retraining the prior on the system's own backgrounds: cycle the "
+                                    "&assim_nml method (a diffusion method, with its settings) with the prior trained "
+                                    "so far on the last self_cycling_cycles cycles of the training trajectory, add "
+                                    "its backgrounds as a source, train self_cycling_epochs more prior epochs", ge=0)
+    self_cycling_cycles: int = _key(2000, doc="cycles of (truth, own background) pairs each self-cycling round keeps "
+                                    "(after spinup_cycles more of spin-up), ending at the last training cycle", ge=2)
+    self_cycling_epochs: int = _key(10, doc="prior epochs per self-cycling round; one epoch: every self-cycled "
+                                    "training pair once plus as many pairs drawn from the other sources", ge=1)
     val_fraction: float = _key(0.1, doc="last fraction of the cycles of every source held out for validation",
                                gt=0, lt=1)
     augment: bool = _key(True, doc="random periodic shifts of each (truth, background) pair: any x-shift; y-shifts "

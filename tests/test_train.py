@@ -185,3 +185,55 @@ def test_run_etkf_records_forecast_means():
     assert s["backgrounds"].shape == (3, 1, 1, 40)
     np.testing.assert_allclose(s["backgrounds"][0], m.step(E0, 1).mean(0))
     assert "backgrounds" not in run_etkf(m.step, E0, obs, truth, 1, 1.0)
+
+
+SELF_CYCLING = """    self_cycling_rounds = 1
+    self_cycling_cycles = 20
+    self_cycling_epochs = 2
+"""
+
+
+def _self_cycling_nml(tmp_path, name, ckpt):
+    path = _nml(tmp_path, name, ckpt)
+    text = path.read_text().replace("&assim_nml\n", "&assim_nml\n    method = 'lo-sda'\n    n_members = 4\n"
+                                    "    member_batch = 4\n    background_error = 0.1\n    lo_iterations = 1\n")
+    path.write_text(text.replace("    threads = 1\n/", "    threads = 1\n" + SELF_CYCLING + "/"))
+    return path
+
+
+def test_self_cycling_round_adds_own_backgrounds_and_resumes_bit_for_bit(tmp_path):
+    env = {"OMP_NUM_THREADS": "1"}
+    full = lodas("train", str(_self_cycling_nml(tmp_path, "a.nml", tmp_path / "a.pt")), "--json", env=env)
+    assert full.returncode == 0, full.stderr
+    s = _last_json(full)
+    assert s["complete"] and s["self_cycling_rounds"] == 1 and s["sources"][-1] == "lo-sda@1"
+    own = s["data"]["sources"]["lo-sda@1"]
+    assert own["cycles"] == 20 and np.isfinite(own["background_rmse_train"]) and own["analysis_rmse"] > 0
+    # 20 own pairs, 10 of them in the validation block (the last 10 of 40 cycles)
+    base = 4 * 30
+    assert s["n_train_pairs"] == base + 10 and s["n_val_pairs"] == 4 * 10 + 10
+    m = load_checkpoint(tmp_path / "a.pt", shape=(1, 1, 40), variables=["x"]).meta
+    assert [r["phase"] for r in m["summary"]["history"]][-3:] == ["prior", "round1", "round1"]
+    assert "lo-sda@1" in m["background_error"] and "lo-sda@1" in s["eval"]
+    # the latent increment scale stays that of the base sources the prior was first trained on
+    assert m["latent_increment_std"] == s["latent_error_rms"]["all"] != s["latent_error_rms"]["lo-sda@1"]
+    # interrupted inside the round (2 VAE + 2 prior + 1 round epoch), then resumed: the same networks
+    nml = _self_cycling_nml(tmp_path, "b.nml", tmp_path / "b.pt")
+    first = lodas("train", str(nml), "--max-epochs", "5", "--json", env=env)
+    assert first.returncode == 0, first.stderr
+    assert not _last_json(first)["complete"] and "self-cycling round 1" in first.stderr
+    last = lodas("train", str(nml), "--resume", "--json", env=env)
+    assert last.returncode == 0, last.stderr
+    assert "self-cycling round 1: cycling" not in last.stderr        # the own backgrounds were kept, not redone
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in "ab")
+    for k in a["eps_state"]:
+        assert torch.equal(a["eps_state"][k], b["eps_state"][k]), k
+
+
+def test_self_cycling_needs_a_diffusion_method(tmp_path):
+    path = _self_cycling_nml(tmp_path, "c.nml", tmp_path / "c.pt")
+    proc = lodas("train", str(path), "--set", "assim_nml.method='3dvar'")
+    assert proc.returncode == 2 and "self_cycling_rounds = 1 cycles the &assim_nml method, which must be a " \
+        "diffusion method" in proc.stderr
+    proc = lodas("train", str(path), "--set", "train_nml.self_cycling_cycles=5")
+    assert proc.returncode == 2 and "self_cycling_cycles = 5: expected more than the 10 validation cycles" in proc.stderr

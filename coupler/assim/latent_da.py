@@ -119,24 +119,33 @@ class LatentDiffusionAssimilation:
     @classmethod
     def from_config(cls, cfg, checkpoint, *, device: str = "cpu") -> "LatentDiffusionAssimilation":
         """Load ``checkpoint`` (checked against ``&grid_nml``) and build the ``&assim_nml`` method."""
-        from coupler.assim.diffusion import CosineSchedule
         from coupler.io.checkpoints import load_checkpoint
 
-        a = cfg.assim
         ck = load_checkpoint(checkpoint, shape=cfg.state_shape, variables=list(cfg.grid.variables),
                              where=f"{cfg.path}: &assim_nml checkpoint = '{checkpoint}'", device=device)
-        schedule = CosineSchedule(eta=float(ck.meta.get("schedule_eta", 1e-3)))
-        if "latent_increment_std" not in ck.meta:
-            raise ValueError(f"{checkpoint}: the checkpoint has no latent_increment_std (written by `lodas train` "
+        return cls.from_networks(cfg, ck.vae, ck.eps_net, ck.meta, device=device, where=str(checkpoint))
+
+    @classmethod
+    def from_networks(cls, cfg, vae, eps_net, meta: dict, *, device: str = "cpu",
+                      where: str = "the networks") -> "LatentDiffusionAssimilation":
+        """The ``&assim_nml`` method on networks already in memory (a loaded checkpoint, or the
+        prior being trained by ``lodas train``'s self-cycling rounds); ``meta``: the checkpoint's
+        ``schedule_eta``, ``latent_increment_std`` and per-source ``background_error``."""
+        from coupler.assim.diffusion import CosineSchedule
+
+        a = cfg.assim
+        schedule = CosineSchedule(eta=float(meta.get("schedule_eta", 1e-3)))
+        if "latent_increment_std" not in meta:
+            raise ValueError(f"{where}: the checkpoint has no latent_increment_std (written by `lodas train` "
                              f"of this version); retrain it")
-        trained = {k: float(v) for k, v in ck.meta.get("background_error", {}).items() if k != "all"}
+        trained = {k: float(v) for k, v in meta.get("background_error", {}).items() if k != "all"}
         if a.background_error == 0 and not trained:
             raise ValueError(f"{cfg.path}: &assim_nml background_error = 0 (estimate from the innovations) but the "
-                             f"checkpoint {checkpoint} records no training background errors to bound the estimate: "
+                             f"checkpoint {where} records no training background errors to bound the estimate: "
                              f"set background_error (e.g. 0.1)")
         error_range = (0.5 * min(trained.values()), 2.0 * max(trained.values())) if trained else (1e-3, 1.0)
-        return cls(ck.vae, ck.eps_net, schedule, _guidance(a.method, a), name=a.method, n_members=a.n_members,
-                   increment_std=float(ck.meta["latent_increment_std"]),
+        return cls(vae, eps_net, schedule, _guidance(a.method, a), name=a.method, n_members=a.n_members,
+                   increment_std=float(meta["latent_increment_std"]),
                    background_error=a.background_error or None, error_range=error_range,
                    member_batch=a.member_batch, n_steps=a.n_steps, stochastic=a.stochastic, seed=cfg.coupler.seed,
                    device=device, precision=a.precision)
