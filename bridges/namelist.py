@@ -126,6 +126,10 @@ class AssimNml:
     lo_iterations: int = _key(3, doc="lo-sda: latent-optimization iterations per sampling step", ge=1)
     lo_lr: float = _key(0.1, doc="lo-sda: step size of the latent optimizer", gt=0)
     lo_optimizer: str = _key("adam", doc="lo-sda: latent optimizer", choices=("adam", "sgd"))
+    lo_covariance: str = _key("isotropic", doc="lo-sda: covariance of the latent background term: isotropic "
+                              "(the noise level's variance) or tweedie (the prior's learnt covariance given the noisy "
+                              "latent, (sigma_t^2/alpha_t) d z0_hat/d z_t, applied by vector-Jacobian products)",
+                              choices=("isotropic", "tweedie"))
     prior_weight: float = _key(1.0, doc="lo-sda: weight of the latent background term (x the noise-level "
                                "consistent lambda_t)", ge=0)
     background_error: float = _key(0.0, doc="diffusion methods: the background's expected relative error e_b "

@@ -19,6 +19,8 @@ that. ``&assim_nml inflation`` inflates the forecast anomalies.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 PUBLISHED = {"l96": {"3dvar": 0.41, "etkf": 0.18, "climatology": 3.6}, "sw": {}}
@@ -83,7 +85,9 @@ def format_table(result: dict) -> str:
     for name, m in result["methods"].items():
         pub = published.get(name)
         ratio = m.get("time_ratio_to_3dvar")
-        lines.append(f"{name:<10}{m['analysis_rmse']:>15.4f}{m['background_rmse']:>17.4f}"
+        rmse = {k: "diverged" if m[k] is None or not math.isfinite(m[k]) else f"{m[k]:.4f}"
+                for k in ("analysis_rmse", "background_rmse")}
+        lines.append(f"{name:<10}{rmse['analysis_rmse']:>15}{rmse['background_rmse']:>17}"
                      f"{(f'{pub:.2f}' if pub else '-'):>11}{m['wall_s_per_cycle']:>11.2e}"
                      f"{(f'{ratio:.3g}' if ratio is not None else '-'):>10}")
     return "\n".join(lines)

@@ -162,6 +162,8 @@ def test_prior_sampling_reproduces_prior_mean_and_covariance():
 GUIDED = {
     "lo-sda-adam": lambda: LatentOptimization(iterations=30, lr=0.3, optimizer="adam"),
     "lo-sda-sgd": lambda: LatentOptimization(iterations=20, lr=0.3, optimizer="sgd"),
+    "lo-sda-tweedie": lambda: LatentOptimization(iterations=1, covariance="tweedie"),
+    "lo-sda-tweedie-3": lambda: LatentOptimization(iterations=3, covariance="tweedie"),
     "sda": lambda: SDAGuidance(gamma=0.3),
     "sda-capped": lambda: SDAGuidance(gamma=1.0, prior_var=1.0),
 }
@@ -183,7 +185,7 @@ def test_guidance_off_by_two_fails(name):
         assert ISO.residual(z) > 2 * TOL_MEAN, (scale, ISO.residual(z))
 
 
-@pytest.mark.parametrize("name", ["lo-sda-adam", "sda-capped"])
+@pytest.mark.parametrize("name", ["lo-sda-adam", "lo-sda-tweedie-3", "sda-capped"])
 def test_guided_mean_anisotropic_prior(name):
     z = ANISO.run(GUIDED[name]())
     assert ANISO.residual(z) < TOL_MEAN_ANISO, ANISO.residual(z)

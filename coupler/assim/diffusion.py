@@ -316,6 +316,11 @@ def _member_sum(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).sum(1)
 
 
+def _member_norm(x: Tensor) -> Tensor:
+    """Per-member 2-norm, shaped ``(B, 1, ..., 1)`` to broadcast against ``x``."""
+    return x.reshape(x.shape[0], -1).norm(dim=1).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
 def _call_misfit(misfit: Misfit, z0: Tensor, obs_var_scale: float = 0.0) -> Tensor:
     j = misfit(z0, obs_var_scale)
     if not isinstance(j, Tensor) or j.shape != (z0.shape[0],):
@@ -369,18 +374,51 @@ class LatentOptimization:
     ``lr < 2 / (1 + ||h'^T R^{-1} h'|| / lambda_t)`` (it diverges for accurate observations);
     ``adam`` is not limited that way.
 
+    **Tweedie covariance** (``covariance = 'tweedie'``): the isotropic ``v_t I`` knows nothing of
+    what the prior has learnt about the background's errors, so the increment it allows is
+    shaped by the observation operator alone (a latent 3D-Var with ``B = v I``). The exact
+    covariance of the clean latent given ``z_t`` is Tweedie's second moment,
+
+        C_t = Cov[z | z_t] = (sigma_t^2 / alpha_t) d z0_hat / d z_t,
+
+    the learnt, background-dependent covariance of the prior at this noise level. With it
+
+        J_t(z) = misfit(z) + prior_weight/2 (z - z0_hat)^T C_t^{-1} (z - z0_hat)
+
+    minimised by preconditioned steepest descent with an exact line search, in ``u = z - z0_hat``
+    (tracking ``w = C_t^{-1} u``, so that ``C_t`` is never inverted):
+
+        r = -(grad misfit(z0_hat + u) + w),     p = C_t r,
+        step = r.p / (r.p + p^T G^T R^{-1} G p),     u <- u + step p,   w <- w + step r,
+
+    per member, with the curvature ``p^T G^T R^{-1} G p`` (``G`` the observed decoder Jacobian)
+    from one more misfit evaluation, ``2 (misfit(z + p) - misfit(z) - p.g)`` (exact for a linear
+    observed decoder). ``C_t r`` is one vector-Jacobian product through the eps network
+    (``d z0_hat / d z_t`` is the Hessian of a log-density, symmetric up to the network's error).
+    The first iteration moves along SDA's direction ``-C_t grad misfit`` (Rozet & Louppe's update
+    without their inflation of ``R``), by the step that minimises ``J_t`` along it instead of a
+    tuned one; more iterations converge to the minimiser, the Gauss-Newton MAP of the nonlinear
+    decoder under ``N(z0_hat, C_t)`` (the Kalman update of ``z0_hat`` for a linear one); no step
+    size to tune (``lr`` and ``optimizer`` are not used). ``C_t r`` is capped at ``prior_var/prior_weight * ||r||`` per
+    member: at large noise ``C_t`` is the difference of nearly equal terms divided by
+    ``alpha_t^2``, and the network's error in it is not bounded.
+
     Args:
         iterations: optimiser iterations per reverse step, >= 1.
-        lr: step size (dimensionless, see above), > 0.
-        optimizer: ``'adam'`` or ``'sgd'``.
+        lr: step size (dimensionless, see above), > 0 (``covariance = 'isotropic'`` only).
+        optimizer: ``'adam'`` or ``'sgd'`` (``covariance = 'isotropic'`` only).
         prior_weight: multiplies ``lambda_t`` (> 1 trusts the diffusion prior more), > 0.
         prior_var: the latent prior variance assumed in ``v_t`` (1 for standardised latents).
+        covariance: ``'isotropic'`` (``v_t I``) or ``'tweedie'`` (``C_t``, see above).
     """
 
     name = "lo-sda"
 
     def __init__(self, iterations: int = 3, lr: float = 0.1, optimizer: str = "adam",
-                 prior_weight: float = 1.0, prior_var: float = 1.0):
+                 prior_weight: float = 1.0, prior_var: float = 1.0, covariance: str = "isotropic"):
+        if covariance not in ("isotropic", "tweedie"):
+            raise ValueError(f"LatentOptimization covariance: {covariance!r}; expected 'isotropic' or 'tweedie'")
+        self.covariance = covariance
         self.iterations = _int_at_least("LatentOptimization iterations", iterations, 1)
         self.lr = _positive("LatentOptimization lr", lr)
         if not isinstance(optimizer, str) or optimizer.lower() not in OPTIMIZERS:
@@ -394,13 +432,51 @@ class LatentOptimization:
     def __repr__(self) -> str:
         return (f"LatentOptimization(iterations={self.iterations}, lr={self.lr}, "
                 f"optimizer={self.optimizer!r}, prior_weight={self.prior_weight}, "
-                f"prior_var={self.prior_var})")
+                f"prior_var={self.prior_var}, covariance={self.covariance!r})")
 
     def weight(self, alpha_t: float, sigma_t: float) -> float:
         """``lambda_t = prior_weight (1/prior_var + (alpha_t/sigma_t)^2)``."""
         return self.prior_weight * (1.0 / self.prior_var + (alpha_t / sigma_t) ** 2)
 
+    def _guide_tweedie(self, denoiser, z_t, alpha_t, sigma_t, misfit) -> GuidedEstimate:
+        c = sigma_t ** 2 / alpha_t / self.prior_weight
+        cap = self.prior_var / self.prior_weight
+        with torch.enable_grad():
+            zt = z_t.detach().requires_grad_(True)
+            z0_graph = (zt - sigma_t * denoiser(zt)) / alpha_t
+        z0_hat = z0_graph.detach()
+        u = torch.zeros_like(z0_hat)            # z - z0_hat
+        w = torch.zeros_like(z0_hat)            # C^{-1} u
+        for k in range(self.iterations):
+            with torch.enable_grad():
+                z = (z0_hat + u).requires_grad_(True)
+                j = _call_misfit(misfit, z)
+                g = _grad(j, z)
+                r = -(g + w)                                           # -grad J, J = misfit + 1/2 u^T C^-1 u
+                (p,) = torch.autograd.grad(z0_graph, zt, r, retain_graph=k + 1 < self.iterations)
+            p = c * p                                                  # C r: the preconditioned direction
+            # Cov[z | z_t] <= Cov[z] = prior_var I: at large noise C_t is the difference of nearly equal
+            # terms divided by alpha_t^2, and the network's error in it is not bounded
+            p = p * (cap * _member_norm(r) / _member_norm(p).clamp_min(1e-30)).clamp(max=1.0)
+            rp = _member_sum(r * p)
+            # a learnt C_t need not be positive definite: where r.p <= 0 the direction does not descend
+            # J_t; that member takes the isotropic direction cap * r instead
+            bad = ~(rp > 1e-12 * cap * _member_sum(r * r))
+            if bool(bad.any()):
+                mask = bad.reshape((-1,) + (1,) * (p.ndim - 1))
+                p = torch.where(mask, cap * r, p)
+                rp = _member_sum(r * p)
+            # curvature of the misfit along p (exact for a linear observed decoder):
+            # misfit(z + p) - misfit(z) - p.g = 1/2 p^T G^T R^-1 G p
+            pgp = 2.0 * (_call_misfit(misfit, z.detach() + p) - j.detach() - _member_sum(p * g))
+            step = rp / (rp + pgp.clamp_min(0.0)).clamp_min(1e-30)
+            step = step.reshape((-1,) + (1,) * (u.ndim - 1))
+            u, w = u + step * p, w + step * r
+        return GuidedEstimate(z0_hat + u)
+
     def guide(self, denoiser, z_t, alpha_t, sigma_t, misfit) -> GuidedEstimate:
+        if self.covariance == "tweedie":
+            return self._guide_tweedie(denoiser, z_t, alpha_t, sigma_t, misfit)
         z0_hat = (z_t - sigma_t * denoiser(z_t)) / alpha_t
         scale = 1.0 / math.sqrt(self.weight(alpha_t, sigma_t))
         u = torch.zeros_like(z0_hat)

@@ -60,7 +60,7 @@ def _guidance(method: str, a):
 
     if method == "lo-sda":
         return d.LatentOptimization(iterations=a.lo_iterations, lr=a.lo_lr, optimizer=a.lo_optimizer,
-                                    prior_weight=a.prior_weight)
+                                    prior_weight=a.prior_weight, covariance=a.lo_covariance)
     if method == "dps":
         return d.DPS(zeta=a.dps_zeta)
     if method == "sda":
