@@ -124,7 +124,8 @@ class AssimNml:
     n_steps: int = _key(10, doc="diffusion methods: reverse-diffusion sampling steps", ge=1)
     stochastic: bool = _key(True, doc="diffusion methods: re-noise with fresh noise (ancestral) instead of DDIM", )
     lo_iterations: int = _key(3, doc="lo-sda: latent-optimization iterations per sampling step", ge=1)
-    lo_lr: float = _key(0.1, doc="lo-sda: step size of the latent optimizer", gt=0)
+    lo_lr: float = _key(0.1, doc="lo-sda: step size of the latent optimizer (isotropic covariance; "
+                          "the tweedie one takes an exact line search)", gt=0)
     lo_optimizer: str = _key("adam", doc="lo-sda: latent optimizer", choices=("adam", "sgd"))
     lo_covariance: str = _key("isotropic", doc="lo-sda: covariance of the latent background term: isotropic "
                               "(the noise level's variance) or tweedie (the prior's learnt covariance given the noisy "

@@ -316,9 +316,14 @@ def _member_sum(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).sum(1)
 
 
+def _per_member(v: Tensor, like: Tensor) -> Tensor:
+    """A per-member ``(B,)`` tensor shaped ``(B, 1, ..., 1)`` to broadcast against ``like``."""
+    return v.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
 def _member_norm(x: Tensor) -> Tensor:
     """Per-member 2-norm, shaped ``(B, 1, ..., 1)`` to broadcast against ``x``."""
-    return x.reshape(x.shape[0], -1).norm(dim=1).reshape((-1,) + (1,) * (x.ndim - 1))
+    return _per_member(x.reshape(x.shape[0], -1).norm(dim=1), x)
 
 
 def _call_misfit(misfit: Misfit, z0: Tensor, obs_var_scale: float = 0.0) -> Tensor:
@@ -399,8 +404,8 @@ class LatentOptimization:
     without their inflation of ``R``), by the step that minimises ``J_t`` along it instead of a
     tuned one; more iterations converge to the minimiser, the Gauss-Newton MAP of the nonlinear
     decoder under ``N(z0_hat, C_t)`` (the Kalman update of ``z0_hat`` for a linear one); no step
-    size to tune (``lr`` and ``optimizer`` are not used). ``C_t r`` is capped at ``prior_var/prior_weight * ||r||`` per
-    member: at large noise ``C_t`` is the difference of nearly equal terms divided by
+    size to tune (``lr`` and ``optimizer`` are not used). ``C_t r`` is capped at
+    ``prior_var/prior_weight * ||r||`` per member: at large noise ``C_t`` is the difference of nearly equal terms divided by
     ``alpha_t^2``, and the network's error in it is not bounded.
 
     Args:
@@ -463,14 +468,12 @@ class LatentOptimization:
             # J_t; that member takes the isotropic direction cap * r instead
             bad = ~(rp > 1e-12 * cap * _member_sum(r * r))
             if bool(bad.any()):
-                mask = bad.reshape((-1,) + (1,) * (p.ndim - 1))
-                p = torch.where(mask, cap * r, p)
+                p = torch.where(_per_member(bad, p), cap * r, p)
                 rp = _member_sum(r * p)
             # curvature of the misfit along p (exact for a linear observed decoder):
             # misfit(z + p) - misfit(z) - p.g = 1/2 p^T G^T R^-1 G p
             pgp = 2.0 * (_call_misfit(misfit, z.detach() + p) - j.detach() - _member_sum(p * g))
-            step = rp / (rp + pgp.clamp_min(0.0)).clamp_min(1e-30)
-            step = step.reshape((-1,) + (1,) * (u.ndim - 1))
+            step = _per_member(rp / (rp + pgp.clamp_min(0.0)).clamp_min(1e-30), u)
             u, w = u + step * p, w + step * r
         return GuidedEstimate(z0_hat + u)
 
@@ -530,7 +533,7 @@ class DPS:
             j = _call_misfit(misfit, z0_hat)
             g = _grad(j, z)
         norm = torch.sqrt(2.0 * j.detach()).clamp_min(torch.finfo(j.dtype).tiny)
-        shift = (2.0 * self.zeta) * g / norm.reshape((-1,) + (1,) * (g.ndim - 1))
+        shift = (2.0 * self.zeta) * g / _per_member(norm, g)
         return GuidedEstimate(z0_hat.detach(), shift)
 
 
