@@ -291,6 +291,9 @@ class TrainNml:
     blocks: int = _key(1, doc="VAE residual blocks per resolution level", ge=0)
     kl_weight: float = _key(1e-3, doc="VAE KL weight, relative (mean KL per latent element vs mean squared "
                             "normalised reconstruction error per state element)", ge=0)
+    increment_weight: float = _key(0.0, doc="VAE increment-consistency weight: > 0 trains the VAE on (truth, "
+                                   "background) pairs and adds this times the relative squared error of the decoded "
+                                   "increment D(z_t) - D(z_b) (coupler/assim/latent.py); 0: states only", ge=0)
     prior_width: int = _key(64, doc="channels of the diffusion prior's eps network", ge=1)
     prior_blocks: int = _key(4, doc="residual blocks of the eps network", ge=1)
     schedule_eta: float = _key(1e-3, doc="noise-schedule floor eta of the cosine schedule", gt=0, lt=1)

@@ -39,8 +39,13 @@ Kolmogorov forcing ``sin(2 pi k y / L_y)`` is invariant under ``y -> y + L_y/k``
 
 1. VAE (:class:`~coupler.assim.latent.StateVAE`) on the training states (the truths and all
    backgrounds), normalised per variable with their mean and std;
-   loss ``mean (x_n_hat - x_n)^2 + kl_weight * mean KL`` (:func:`~coupler.assim.latent.vae_loss`).
-   Validation: the loss and the reconstruction RMSE ``D(mu(x))`` per variable, physical units.
+   loss ``mean (x_n_hat - x_n)^2 + kl_weight * mean KL`` (:func:`~coupler.assim.latent.vae_loss`);
+   with ``increment_weight > 0`` one epoch is every base pair once (its truth and background in
+   one batch) and the loss adds the relative squared error of the decoded increment
+   ``D(z_t) - D(z_b)`` against ``x_t - x_b``. Validation: the loss, the reconstruction RMSE
+   ``D(mu(x))`` per variable, and the *oracle latent analysis* RMSE per variable,
+   ``x_b + D(E(x_t)) - D(E(x_b))`` against ``x_t`` on the validation pairs (physical units): the
+   best analysis a sampler that found the true latent could give, the bound the VAE sets.
 2. Freeze the VAE; ``latent_scale`` = std of ``mu`` over the training states.
 3. Prior (:class:`~coupler.assim.latent.ConditionalEpsNet`) on the normalised latent increment
    ``d = (to_latent(x_t) - z_b) / s_d`` conditioned on ``z_b = to_latent(x_b)`` and on the pair's
@@ -514,7 +519,26 @@ def _device(requested: str) -> str:
     return requested
 
 
-def _vae_validate(run: _Run, val_states: torch.Tensor) -> dict:
+def _oracle_rmse(vae, pairs: Pairs, sources: list[int], names: list[str], device) -> dict:
+    """RMSE per variable (and ``'all'``) of the oracle latent analysis ``x_b + D(E(x_t)) - D(E(x_b))``
+    against ``x_t`` over the validation pairs of ``sources`` (physical units)."""
+    se, n = torch.zeros(vae.shape[0], dtype=torch.float64), 0
+    valid = pairs.valid()[:, pairs.n_train:]
+    with torch.no_grad():
+        for s in sources:
+            xt_all, xb_all = pairs.truth[pairs.n_train:][valid[s]], pairs.background[s, pairs.n_train:][valid[s]]
+            for sl in _chunks(xt_all.shape[0], 256):
+                xt, xb = xt_all[sl].to(device), xb_all[sl].to(device)
+                inc = vae.from_latent(vae.to_latent(xt)) - vae.from_latent(vae.to_latent(xb))
+                se += ((xb + inc - xt).double() ** 2).sum(dim=(0, 2, 3)).cpu()
+                n += xt.shape[0]
+    m = max(n, 1) * vae.shape[1] * vae.shape[2]
+    out = {v: float(torch.sqrt(e / m)) for v, e in zip(names, se)}
+    out["all"] = float(torch.sqrt(se.sum() / (m * vae.shape[0])))
+    return out
+
+
+def _vae_validate(run: _Run, val_states: torch.Tensor, pairs: Pairs, base: list[int]) -> dict:
     from coupler.assim.latent import vae_loss
 
     vae, t = run.vae, run.t
@@ -533,8 +557,12 @@ def _vae_validate(run: _Run, val_states: torch.Tensor) -> dict:
     vae.train(was_training)
     per_var = torch.sqrt(se / (n * vae.shape[1] * vae.shape[2]))
     names = list(run.cfg.grid.variables)
+    vae.eval()
+    oracle = _oracle_rmse(vae, pairs, base, names, run.device)
+    vae.train(was_training)
     return {"val_loss": loss_sum / n, "recon_rmse": {v: float(r) for v, r in zip(names, per_var)},
-            "recon_rmse_all": float(torch.sqrt(se.sum() / (n * vae.shape[1] * vae.shape[2] * vae.shape[0])))}
+            "recon_rmse_all": float(torch.sqrt(se.sum() / (n * vae.shape[1] * vae.shape[2] * vae.shape[0]))),
+            "oracle_rmse": oracle}
 
 
 def _prior_validate(run: _Run, pairs: Pairs, repeats: int = 2) -> float:
@@ -724,33 +752,49 @@ def train(cfg, *, resume: bool = False, max_epochs: int | None = None) -> dict:
         epochs_done, stopped = 0, False
         to_dev = (lambda x: x.to(device)) if device != "cpu" else (lambda x: x)
 
-        # -- phase 1: VAE
+        # -- phase 1: VAE, on the states, or (increment_weight > 0) on the base pairs: truth and background
+        # in one batch, the loss adding the relative error of the decoded increment
         n_states = train_states.shape[0]
-        per_epoch = math.ceil(n_states / t.batch_size)
+        base_ids = pairs.pair_ids(base)
+        paired = t.increment_weight > 0
+        n_items = len(base_ids) if paired else n_states
+        increment_ms = 1.0
+        if paired:
+            sd = ((pairs.truth[None, :n_tr] - pairs.background[base, :n_tr]).double() / std[:, None, None]) ** 2
+            increment_ms = float(sd.mean())
+        per_epoch = math.ceil(n_items / t.batch_size)
         total = per_epoch * t.vae_epochs
         while run.vae_epoch < t.vae_epochs and not stopped:
             e0 = time.perf_counter()
             run.vae.train()
             g, gd = _epoch_generators(t.seed, _VAE, run.vae_epoch, device)
-            perm = torch.randperm(n_states, generator=g)
+            perm = torch.randperm(n_items, generator=g)
             bar = _Progress(per_epoch, f"VAE {run.vae_epoch + 1}/{t.vae_epochs}")
             loss_sum = 0.0
-            for sl in _chunks(n_states, t.batch_size):
-                x = to_dev(train_states[perm[sl]])
-                (x,) = random_shift([x], g, steps) if t.augment else (x,)
-                loss, _, _ = vae_loss(run.vae, x, t.kl_weight, gd)
+            for sl in _chunks(n_items, t.batch_size):
+                if paired:
+                    k = base_ids[perm[sl]]
+                    xt, xb = to_dev(pairs.truth[k % n_tr]), to_dev(pairs.background[k // n_tr, k % n_tr])
+                    xt, xb = random_shift([xt, xb], g, steps) if t.augment else (xt, xb)
+                    x = torch.cat([xt, xb])
+                else:
+                    x = to_dev(train_states[perm[sl]])
+                    (x,) = random_shift([x], g, steps) if t.augment else (x,)
+                loss, _, _ = vae_loss(run.vae, x, t.kl_weight, gd, increment_weight=t.increment_weight,
+                                      increment_ms=increment_ms)
                 _optimise(run, loss, total)
                 loss_sum += loss.item() * x.shape[0]
                 bar.update(loss.item())
             bar.close()
             run.vae_epoch += 1
-            val = _vae_validate(run, val_states)
-            row = {"phase": "vae", "epoch": run.vae_epoch, "train_loss": loss_sum / n_states, **val,
+            val = _vae_validate(run, val_states, pairs, base)
+            row = {"phase": "vae", "epoch": run.vae_epoch, "train_loss": loss_sum / (n_items * (1 + paired)), **val,
                    "seconds": time.perf_counter() - e0}
             run.history.append(row)
-            log.info("VAE epoch %d/%d: train loss %.4e, val loss %.4e, reconstruction RMSE %s (%.1f s)",
-                     run.vae_epoch, t.vae_epochs, row["train_loss"], val["val_loss"],
-                     ", ".join(f"{k} {v:.4f}" for k, v in val["recon_rmse"].items()), row["seconds"])
+            log.info("VAE epoch %d/%d: train loss %.4e, val loss %.4e, reconstruction RMSE %s, oracle latent "
+                     "analysis RMSE %s (%.1f s)", run.vae_epoch, t.vae_epochs, row["train_loss"], val["val_loss"],
+                     ", ".join(f"{k} {v:.4f}" for k, v in val["recon_rmse"].items()),
+                     ", ".join(f"{k} {v:.4f}" for k, v in val["oracle_rmse"].items()), row["seconds"])
             run.wall_s += time.perf_counter() - e0
             epochs_done += 1
             stopped = max_epochs is not None and epochs_done >= max_epochs
@@ -867,7 +911,8 @@ def train(cfg, *, resume: bool = False, max_epochs: int | None = None) -> dict:
             "latent_shape": list(run.vae.latent_shape), "latent_scale": float(run.vae.latent_scale),
             "latent_error_rms": run.latent_errors, "background_error": run.relative_errors,
             "vae": {"epochs": run.vae_epoch, **({k: vae_rows[-1][k] for k in ("train_loss", "val_loss", "recon_rmse",
-                                                                              "recon_rmse_all")} if vae_rows else {})},
+                                                                              "recon_rmse_all", "oracle_rmse")
+                                                 if k in vae_rows[-1]} if vae_rows else {})},
             "prior": {"epochs": run.prior_epoch,
                       **({k: prior_rows[-1][k] for k in ("train_loss", "val_loss")} if prior_rows else {})},
             "history": run.history,
@@ -918,6 +963,9 @@ def format_summary(s: dict) -> str:
         rec = "  ".join(f"{k} {x:.4f}" for k, x in v["recon_rmse"].items())
         lines.append(f"VAE    {v['epochs']:>3} epochs  train loss {v['train_loss']:.4e}  val loss {v['val_loss']:.4e}  "
                      f"reconstruction RMSE: {rec}")
+        if "oracle_rmse" in v:
+            lines.append("       oracle latent analysis x_b + D(E(x_t)) - D(E(x_b)), RMSE vs truth: "
+                         + "  ".join(f"{k} {x:.4f}" for k, x in v["oracle_rmse"].items()))
     p = s["prior"]
     if "val_loss" in p:
         lines.append(f"prior  {p['epochs']:>3} epochs  train loss {p['train_loss']:.4f}  val loss {p['val_loss']:.4f}"
