@@ -221,13 +221,24 @@ def arch_of(cfg) -> dict:
 
 
 def shift_steps(cfg) -> tuple[int, int]:
-    """``(y_step, x_step)``: augmentation shifts are multiples of these (0: no shift on that axis)."""
+    """``(y_step, x_step)``: augmentation shifts are multiples of these (0: no shift on that axis).
+
+    A shift must be a symmetry of the whole twin set-up, model *and* observing network, or the
+    shifted pair's background error would sit where the network does not put it: the shallow-water
+    forcing allows ``y`` shifts by ``ny / forcing_wavenumber`` only, and an ``every_k`` network
+    (the same points for every seed: Lorenz-96 with every other variable observed) shifts by
+    multiples of ``every_k`` on both axes. Random stations are drawn anew for every seed, so the
+    evaluation network is not the training one and any shift is as good as none (the prior learns
+    the errors of a homogeneous network of that density); footprint boxes are not treated as a
+    constraint (their box phase changes a background error little).
+    """
     ny = cfg.grid.ny
+    k_net = int(cfg.obs.every_k) if "every_k" in cfg.obs.network else 1
     y_step = 0
     if ny > 1 and cfg.twin.model == "sw":
         k = cfg.sw.forcing_wavenumber if cfg.sw is not None else 0
-        y_step = ny // k if k and ny % k == 0 and ny // k < ny else 0
-    return y_step, 1
+        y_step = math.lcm(ny // k, k_net) if k and ny % k == 0 and ny // k < ny else 0
+    return y_step, k_net
 
 
 def random_shift(tensors: list[torch.Tensor], gen: torch.Generator, steps: tuple[int, int]) -> list[torch.Tensor]:

@@ -260,3 +260,16 @@ def test_self_cycling_needs_a_diffusion_method(tmp_path):
         "diffusion method" in proc.stderr
     proc = lodas("train", str(path), "--set", "train_nml.self_cycling_cycles=5")
     assert proc.returncode == 2 and "self_cycling_cycles = 5: expected more than the 10 validation cycles" in proc.stderr
+
+
+@pytest.mark.parametrize("extra, steps", [("", (0, 1)), ("&obs_nml network = 'every_k', every_k = 2 /", (0, 2))])
+def test_augmentation_shifts_respect_the_observing_network(tmp_path, extra, steps):
+    """Lorenz-96: any shift with every point observed; multiples of k with an every_k network (the
+    background errors are larger between the observed points, and must stay there)."""
+    from coupler.train import shift_steps
+
+    text = TINY.format(ckpt=tmp_path / "ck.pt")
+    if extra:
+        text = text.replace("&obs_nml\n    network = 'all'\n    error_std = 1.0\n/", extra)
+    (tmp_path / "t.nml").write_text(text)
+    assert shift_steps(load(tmp_path / "t.nml")) == steps
