@@ -36,11 +36,14 @@ bench: build
 	$(PY) benchmarks/coupling_overhead.py
 	$(PY) -m coupler bench l96 --methods none,3dvar,etkf,dps,sda,lo-sda --cycles 1200 --set twin_nml.spinup_cycles=200
 	$(PY) -m coupler bench sw --methods none,3dvar,dps,sda,lo-sda --cycles 120 --set twin_nml.spinup_cycles=20
+	$(PY) -m coupler bench sw --methods 3dvar,dps,sda,lo-sda --cycles 240 --set twin_nml.spinup_cycles=120
+	$(PY) -m coupler bench l96 --namelist namelists/l96_half_bench.nml --methods none,3dvar,etkf,dps,sda,lo-sda --cycles 1200 --set twin_nml.spinup_cycles=200
 	$(PY) benchmarks/replay_throughput.py
-#   longer: $(PY) benchmarks/lo_sda_scaling.py   (LO-SDA steps / iterations / members, ~25 min)
+#   longer: $(PY) benchmarks/lo_sda_scaling.py   (LO-SDA steps / iterations / members, ~10 min)
 
 train: build
 	$(PY) -m coupler train namelists/l96_train.nml
+	$(PY) -m coupler train namelists/l96_half_train.nml
 	$(PY) -m coupler train namelists/sw_train.nml
 
 clean:
