@@ -565,12 +565,10 @@ def _vae_validate(run: _Run, val_states: torch.Tensor, pairs: Pairs, base: list[
             loss_sum += loss.item() * x.shape[0]
             mu, _ = vae.encode(x)
             se += ((vae.decode(mu) - x).double() ** 2).sum(dim=(0, 2, 3)).cpu()
-    vae.train(was_training)
-    per_var = torch.sqrt(se / (n * vae.shape[1] * vae.shape[2]))
     names = list(run.cfg.grid.variables)
-    vae.eval()
     oracle = _oracle_rmse(vae, pairs, base, names, run.device)
     vae.train(was_training)
+    per_var = torch.sqrt(se / (n * vae.shape[1] * vae.shape[2]))
     return {"val_loss": loss_sum / n, "recon_rmse": {v: float(r) for v, r in zip(names, per_var)},
             "recon_rmse_all": float(torch.sqrt(se.sum() / (n * vae.shape[1] * vae.shape[2] * vae.shape[0]))),
             "oracle_rmse": oracle}
