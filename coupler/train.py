@@ -135,6 +135,14 @@ class Pairs:
         ids = [s * self.n_train + torch.nonzero(v[s]).flatten() for s in sources]
         return torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
 
+    def batches(self, source: int, part: str, size: int, device="cpu"):
+        """``(x_t, x_b)`` of source ``source``'s valid pairs of ``part`` (``'train'`` or ``'val'``),
+        in cycle order, ``size`` pairs at a time, on ``device``."""
+        cycles = slice(None, self.n_train) if part == "train" else slice(self.n_train, None)
+        rows = torch.nonzero(self.valid()[source, cycles]).flatten() + (0 if part == "train" else self.n_train)
+        for sl in _chunks(len(rows), size):
+            yield self.truth[rows[sl]].to(device), self.background[source, rows[sl]].to(device)
+
 
 def state_paths(checkpoint: str | Path) -> tuple[Path, Path]:
     """``(<checkpoint>.state.pt, <checkpoint>.pairs.pt)``: the resumable training state and the pairs."""
@@ -227,18 +235,22 @@ def shift_steps(cfg) -> tuple[int, int]:
     shifted pair's background error would sit where the network does not put it: the shallow-water
     forcing allows ``y`` shifts by ``ny / forcing_wavenumber`` only, and an ``every_k`` network
     (the same points for every seed: Lorenz-96 with every other variable observed) shifts by
-    multiples of ``every_k`` on both axes. Random stations are drawn anew for every seed, so the
+    multiples of ``every_k`` on both axes (no shift on an axis that the step does not tile). Random stations are drawn anew for every seed, so the
     evaluation network is not the training one and any shift is as good as none (the prior learns
     the errors of a homogeneous network of that density); footprint boxes are not treated as a
     constraint (their box phase changes a background error little).
     """
-    ny = cfg.grid.ny
+    ny, nx = cfg.grid.ny, cfg.grid.nx
     k_net = int(cfg.obs.every_k) if "every_k" in cfg.obs.network else 1
+
+    def periodic(step: int, n: int) -> int:            # 0 (no shift) unless the step tiles the axis
+        return step if step < n and n % step == 0 else 0
+
     y_step = 0
     if ny > 1 and cfg.twin.model == "sw":
         k = cfg.sw.forcing_wavenumber if cfg.sw is not None else 0
-        y_step = math.lcm(ny // k, k_net) if k and ny % k == 0 and ny // k < ny else 0
-    return y_step, k_net
+        y_step = periodic(math.lcm(ny // k, k_net), ny) if k and ny % k == 0 else 0
+    return y_step, periodic(k_net, nx)
 
 
 def random_shift(tensors: list[torch.Tensor], gen: torch.Generator, steps: tuple[int, int]) -> list[torch.Tensor]:
@@ -534,12 +546,9 @@ def _oracle_rmse(vae, pairs: Pairs, sources: list[int], names: list[str], device
     """RMSE per variable (and ``'all'``) of the oracle latent analysis ``x_b + D(E(x_t)) - D(E(x_b))``
     against ``x_t`` over the validation pairs of ``sources`` (physical units)."""
     se, n = torch.zeros(vae.shape[0], dtype=torch.float64), 0
-    valid = pairs.valid()[:, pairs.n_train:]
     with torch.no_grad():
         for s in sources:
-            xt_all, xb_all = pairs.truth[pairs.n_train:][valid[s]], pairs.background[s, pairs.n_train:][valid[s]]
-            for sl in _chunks(xt_all.shape[0], 256):
-                xt, xb = xt_all[sl].to(device), xb_all[sl].to(device)
+            for xt, xb in pairs.batches(s, "val", 256, device):
                 inc = vae.from_latent(vae.to_latent(xt)) - vae.from_latent(vae.to_latent(xb))
                 se += ((xb + inc - xt).double() ** 2).sum(dim=(0, 2, 3)).cpu()
                 n += xt.shape[0]
@@ -582,11 +591,8 @@ def _prior_validate(run: _Run, pairs: Pairs, repeats: int = 2) -> float:
     vae, net = run.vae, run.ema
     total, n = 0.0, 0
     with torch.no_grad():
-        valid = pairs.valid()[:, pairs.n_train:]
         for s in range(len(pairs.sources)):
-            xt_all, xb_all = pairs.truth[pairs.n_train:][valid[s]], pairs.background[s, pairs.n_train:][valid[s]]
-            for sl in _chunks(xt_all.shape[0], 256):
-                xt, xb = xt_all[sl].to(run.device), xb_all[sl].to(run.device)
+            for xt, xb in pairs.batches(s, "val", 256, run.device):
                 zb = vae.to_latent(xb)
                 d = (vae.to_latent(xt) - zb) / run.increment_std
                 c = prior_condition(zb, relative_error(vae, xb, xt))
@@ -619,23 +625,21 @@ def _pair_errors(run: _Run, pairs: Pairs, sources=None) -> tuple[dict, dict]:
       per-source values bound the innovation estimate of ``&assim_nml background_error = 0``).
     """
     sources = range(len(pairs.sources)) if sources is None else sources
-    valid = pairs.valid()[:, : pairs.n_train]
     latent, relative = {}, {}
     lat_tot = rel_tot = 0.0
     n_lat = n_rel = 0
     with torch.no_grad():
         for s in sources:
-            rows = torch.nonzero(valid[s]).flatten()
             lat = rel = 0.0
-            m = 0
-            for sl in _chunks(len(rows), 512):
-                xt, xb = pairs.truth[rows[sl]].to(run.device), pairs.background[s, rows[sl]].to(run.device)
+            m = rows = 0
+            for xt, xb in pairs.batches(s, "train", 512, run.device):
                 d = (run.vae.to_latent(xt) - run.vae.to_latent(xb)).double()
                 lat += float((d ** 2).sum())
                 m += d.numel()
                 rel += float(relative_error(run.vae, xb, xt).sum())
-            latent[pairs.sources[s]], relative[pairs.sources[s]] = math.sqrt(lat / m), rel / len(rows)
-            lat_tot, rel_tot, n_lat, n_rel = lat_tot + lat, rel_tot + rel, n_lat + m, n_rel + len(rows)
+                rows += xt.shape[0]
+            latent[pairs.sources[s]], relative[pairs.sources[s]] = math.sqrt(lat / m), rel / rows
+            lat_tot, rel_tot, n_lat, n_rel = lat_tot + lat, rel_tot + rel, n_lat + m, n_rel + rows
     latent["all"] = math.sqrt(lat_tot / n_lat)
     relative["all"] = rel_tot / n_rel
     return latent, relative
@@ -768,9 +772,13 @@ def train(cfg, *, resume: bool = False, max_epochs: int | None = None) -> dict:
         paired = t.increment_weight > 0
         n_items = len(base_ids) if paired else n_states
         increment_ms = 1.0
-        if paired:
-            sd = ((pairs.truth[None, :n_tr] - pairs.background[base, :n_tr]).double() / std[:, None, None]) ** 2
-            increment_ms = float(sd.mean())
+        if paired:                                 # mean square of the normalised training increments
+            sq, m = 0.0, 0
+            for src in base:
+                for xt, xb in pairs.batches(src, "train", 512):
+                    sq += float((((xt - xb).double() / std[:, None, None]) ** 2).sum())
+                    m += xt.numel()
+            increment_ms = sq / m
         per_epoch = math.ceil(n_items / t.batch_size)
         total = per_epoch * t.vae_epochs
         while run.vae_epoch < t.vae_epochs and not stopped:
