@@ -235,10 +235,11 @@ def shift_steps(cfg) -> tuple[int, int]:
     shifted pair's background error would sit where the network does not put it: the shallow-water
     forcing allows ``y`` shifts by ``ny / forcing_wavenumber`` only, and an ``every_k`` network
     (the same points for every seed: Lorenz-96 with every other variable observed) shifts by
-    multiples of ``every_k`` on both axes (no shift on an axis that the step does not tile). Random stations are drawn anew for every seed, so the
-    evaluation network is not the training one and any shift is as good as none (the prior learns
-    the errors of a homogeneous network of that density); footprint boxes are not treated as a
-    constraint (their box phase changes a background error little).
+    multiples of ``every_k`` on both axes (no shift on an axis that the step does not tile).
+    Random stations are drawn anew for every seed, so the evaluation network is not the training
+    one and any shift is as good as none (the prior learns the errors of a homogeneous network of
+    that density); footprint boxes are not treated as a constraint (their box phase changes a
+    background error little).
     """
     ny, nx = cfg.grid.ny, cfg.grid.nx
     k_net = int(cfg.obs.every_k) if "every_k" in cfg.obs.network else 1
