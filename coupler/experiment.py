@@ -105,10 +105,12 @@ def make_experiment(cfg, *, seed: int | None = None, n_cycles: int | None = None
 
 
 class _Recorder:
-    """A bridge wrapper that keeps a copy of every background it hands to the driver."""
+    """A bridge wrapper that keeps a copy of every background it hands to the driver (and, if
+    ``increments``, of every increment the driver sends back)."""
 
-    def __init__(self, bridge):
+    def __init__(self, bridge, increments: bool = False):
         self.bridge, self.backgrounds = bridge, []
+        self.increments = [] if increments else None
 
     def receive_background(self):
         bg = self.bridge.receive_background()
@@ -117,24 +119,30 @@ class _Recorder:
         return bg
 
     def send_increment(self, increment, status, cycle):
+        if self.increments is not None:
+            self.increments.append(np.array(increment, dtype=np.float64, copy=True))
         self.bridge.send_increment(increment, status, cycle)
 
 
-def run_method(exp: Experiment, method: AssimilationMethod | None, *, record_backgrounds: bool = False) -> dict:
+def run_method(exp: Experiment, method: AssimilationMethod | None, *, record_backgrounds: bool = False,
+               record_analyses: bool = False) -> dict:
     """Cycle ``method`` on ``exp`` with the in-process host; the :func:`coupler.driver.summarize` dict
     plus ``wall_s_per_cycle`` (model integration included) and, if asked, ``backgrounds``
-    ``(n, nvar, ny, nx)`` (the cycled background of each cycle, before its analysis)."""
+    ``(n, nvar, ny, nx)`` (the cycled background of each cycle, before its analysis) and
+    ``analyses`` (background plus the increment sent back: zero for a failed cycle)."""
     from bridges.inprocess import InProcessHost
     from coupler.driver import Truth, run_cycles
 
     cfg = exp.cfg
     host = InProcessHost(exp.model.step, exp.x_b0, steps_per_cycle=exp.steps_per_cycle, n_cycles=exp.n_cycles,
                          dt=exp.dt, increment_mode=cfg.bridge.increment_mode, iau_steps=cfg.bridge.iau_steps)
-    bridge = _Recorder(host) if record_backgrounds else host
+    bridge = _Recorder(host, increments=record_analyses) if record_backgrounds or record_analyses else host
     t0 = time.perf_counter()
     s = run_cycles(bridge, method, exp.observe, truth=Truth(exp.times, exp.truth),
                    spinup_cycles=cfg.twin.spinup_cycles, variables=list(cfg.grid.variables))
     s["wall_s_per_cycle"] = (time.perf_counter() - t0) / exp.n_cycles
     if record_backgrounds:
         s["backgrounds"] = np.stack(bridge.backgrounds)
+    if record_analyses:
+        s["analyses"] = np.stack(bridge.backgrounds) + np.stack(bridge.increments)
     return s

@@ -52,3 +52,56 @@ def test_bench_every_other_variable_observed_uses_its_own_prior():
     m = out["methods"]
     assert out["n_obs_per_cycle"] == 20 and m["lo-sda"]["status_counts"] == {"ok": 12}, out
     assert m["lo-sda"]["analysis_rmse"] < m["lo-sda"]["background_rmse"] < m["none"]["background_rmse"], m
+
+
+def _memory_bound():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "memory_bound.py"
+    spec = importlib.util.spec_from_file_location("memory_bound", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_static_blue_reaches_the_kalman_posterior_variance():
+    """Gaussian background errors of a known covariance: the static BLUE's analysis errors have the
+    Kalman posterior variance trace((I - K H) C) / N."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    N, n = 12, 40000
+    i = np.arange(N)
+    d = np.minimum(np.abs(i[:, None] - i[None]), N - np.abs(i[:, None] - i[None]))
+    w, v = np.linalg.eigh(np.exp(-0.5 * (d / 2.0) ** 2))     # periodic Gaussian correlations, made PSD
+    C = (v * np.maximum(w, 1e-3)) @ v.T
+    H = np.eye(N)[::3]
+    r = np.full(H.shape[0], 0.25)
+    eb = rng.multivariate_normal(np.zeros(N), C, size=n)
+    innov = eb @ H.T + np.sqrt(r) * rng.standard_normal((n, H.shape[0]))
+    ea = _memory_bound().static_blue(eb, innov, H, r)
+    K = C @ H.T @ np.linalg.inv(H @ C @ H.T + np.diag(r))
+    expected = np.sqrt(np.trace((np.eye(N) - K @ H) @ C) / N)
+    assert np.sqrt(np.mean(ea ** 2)) == pytest.approx(expected, rel=0.02)
+    assert expected < 0.8 * np.sqrt(np.mean(eb ** 2))
+
+
+def test_memory_bound_harness_on_3dvar_and_etkf():
+    """benchmarks/memory_bound.py: the split figures are consistent, and the static BLUE of 3D-Var's
+    own backgrounds beats 3D-Var's analysis (its climatological B is not its backgrounds' covariance)."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "benchmarks/memory_bound.py", "--methods", "3dvar,etkf", "--cycles", "300",
+                        "--spinup", "100", "--json"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout[p.stdout.index("{"):])
+    assert out["n_observed"] == out["n_unobserved"] == 20
+    m = out["methods"]
+    for row in m.values():
+        for k in ("background", "analysis", "static_blue"):
+            v = row[k]                                   # all^2 = mean of the two halves' squares
+            assert v["all"] ** 2 == pytest.approx((v["observed"] ** 2 + v["unobserved"] ** 2) / 2, rel=1e-9)
+    assert m["3dvar"]["static_blue"]["all"] < 0.9 * m["3dvar"]["analysis"]["all"]
+    assert m["etkf"]["analysis"]["all"] < m["etkf"]["background"]["all"] < 0.5 * m["3dvar"]["background"]["all"]

@@ -204,10 +204,13 @@ def test_run_etkf_records_forecast_means():
     net = make_network("all", (1, 1, 40), [0])
     obs = [synthesize(truth[c], net, [1.0], np.random.default_rng(c)) for c in range(3)]
     E0 = initial_ensemble(truth[0], 10, 1.0, np.random.default_rng(0))
-    s = run_etkf(m.step, E0, obs, truth, 1, 1.0, record_backgrounds=True)
-    assert s["backgrounds"].shape == (3, 1, 1, 40)
+    s = run_etkf(m.step, E0, obs, truth, 1, 1.0, record_backgrounds=True, record_analyses=True)
+    assert s["backgrounds"].shape == s["analyses"].shape == (3, 1, 1, 40)
     np.testing.assert_allclose(s["backgrounds"][0], m.step(E0, 1).mean(0))
-    assert "backgrounds" not in run_etkf(m.step, E0, obs, truth, 1, 1.0)
+    rms_a = [float(np.sqrt(np.mean((s["analyses"][c] - truth[c]) ** 2))) for c in range(3)]
+    np.testing.assert_allclose(rms_a, [r["rmse_a"] for r in s["rows"]], rtol=1e-12)
+    plain = run_etkf(m.step, E0, obs, truth, 1, 1.0)
+    assert "backgrounds" not in plain and "analyses" not in plain
 
 
 SELF_CYCLING = """    self_cycling_rounds = 1

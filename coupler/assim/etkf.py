@@ -138,7 +138,7 @@ def initial_ensemble(x_b0: np.ndarray, n_members: int, std, rng: np.random.Gener
 def run_etkf(model_step: Callable[[np.ndarray, int], np.ndarray], x0_members: np.ndarray,
              obs_per_cycle: Sequence[Observations], truth: np.ndarray, steps_per_cycle: int,
              inflation: float, *, spinup_cycles: int = 0, model_times: np.ndarray | None = None,
-             record_backgrounds: bool = False) -> dict:
+             record_backgrounds: bool = False, record_analyses: bool = False) -> dict:
     """Cycle the ETKF and score its ensemble mean against ``truth``, in :func:`coupler.driver.summarize`'s shape.
 
     Each cycle ``c``: integrate all members ``steps_per_cycle`` steps (one batched call
@@ -159,6 +159,7 @@ def run_etkf(model_step: Callable[[np.ndarray, int], np.ndarray], x0_members: np
         record_backgrounds: also return ``backgrounds``, ``(n_cycles, nvar, ny, nx)``: the
             forecast ensemble mean of each cycle, before its analysis (training pairs of
             :mod:`coupler.train`, as :func:`coupler.experiment.run_method` records them).
+        record_analyses: also return ``analyses``, the analysis ensemble mean of each cycle.
 
     Returns:
         The :func:`~coupler.driver.summarize` dict (``analysis_rmse``, ``background_rmse``,
@@ -181,6 +182,7 @@ def run_etkf(model_step: Callable[[np.ndarray, int], np.ndarray], x0_members: np
         raise ValueError(f"obs_per_cycle: {len(obs_per_cycle)} cycles of observations for {n_cycles} truth states")
     rows, H_cache, key = [], None, None
     backgrounds = [] if record_backgrounds else None
+    analyses = [] if record_analyses else None
     t0 = time.perf_counter()
     for c in range(n_cycles):
         E = np.asarray(model_step(E, steps_per_cycle))
@@ -195,6 +197,8 @@ def run_etkf(model_step: Callable[[np.ndarray, int], np.ndarray], x0_members: np
         x_b, x_a, x_t = Ef.mean(0).reshape(shape), Ea.mean(0).reshape(shape), truth[c]
         if backgrounds is not None:
             backgrounds.append(x_b)
+        if analyses is not None:
+            analyses.append(x_a)
         row = dict(cycle=c, step=(c + 1) * steps_per_cycle,
                    model_time=float(model_times[c]) if model_times is not None else math.nan,
                    status=int(Status.OK), n_obs=info["n_obs"],
@@ -214,4 +218,6 @@ def run_etkf(model_step: Callable[[np.ndarray, int], np.ndarray], x0_members: np
              n_members=N, inflation=float(inflation), wall_s_per_cycle=wall, rows=rows)
     if backgrounds is not None:
         s["backgrounds"] = np.stack(backgrounds)
+    if analyses is not None:
+        s["analyses"] = np.stack(analyses)
     return s
