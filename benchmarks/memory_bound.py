@@ -96,11 +96,11 @@ def main() -> int:
     args = ap.parse_args()
 
     from bridges.namelist import load
-    from coupler.assim.etkf import initial_ensemble, run_etkf
     from coupler.assim.obs_operator import observation_operator
+    from coupler.bench import etkf_run
     from coupler.experiment import make_experiment, run_method
+    from coupler.io.atomic import atomic_path
     from coupler.methods import make_method
-    from coupler.twin import init_error_std
 
     over = [f"assim_nml.threads={args.threads}", f"twin_nml.spinup_cycles={args.spinup}"]
     cfg = load(args.namelist, over)
@@ -109,6 +109,11 @@ def main() -> int:
     exp = make_experiment(cfg, seed=args.seed, n_cycles=args.cycles)
     shape, s0 = exp.truth.shape[1:], args.spinup
     obs = exp.observations[0]
+    for c, o in enumerate(exp.observations):          # one H and R for every cycle
+        if not all(np.array_equal(getattr(o, k), getattr(obs, k)) for k in ("var_index", "x", "y", "footprint",
+                                                                          "error_std")):
+            raise SystemExit(f"{args.namelist}: &obs_nml network = {cfg.obs.network}: the observing network of "
+                             f"cycle {c} differs from cycle 0's; this harness needs a fixed network")
     H = observation_operator(obs, shape).toarray()
     observed = np.zeros(H.shape[1], bool)
     observed[np.flatnonzero(np.abs(H).sum(0))] = True
@@ -119,11 +124,7 @@ def main() -> int:
     for name in args.methods.split(","):
         t0 = time.perf_counter()
         if name == "etkf":
-            a = cfg.assim
-            members = initial_ensemble(exp.x_b0, a.etkf_members, init_error_std(cfg)[:, 0, 0],
-                                       np.random.default_rng([exp.seed, 4]))
-            s = run_etkf(exp.model.step, members, exp.observations, exp.truth, exp.steps_per_cycle, a.inflation,
-                         spinup_cycles=s0, record_backgrounds=True, record_analyses=True)
+            s = etkf_run(exp, record_backgrounds=True, record_analyses=True)
         else:
             mcfg = load(args.namelist, over + [f"assim_nml.method='{name}'"])
             s = run_method(exp, make_method(mcfg, covariance=exp.covariance), record_backgrounds=True,
@@ -131,7 +132,7 @@ def main() -> int:
         xb = s["backgrounds"].reshape(len(s["backgrounds"]), -1)[s0:]
         xa = s["analyses"].reshape(len(s["analyses"]), -1)[s0:]
         eb, ea = truth - xb, truth - xa
-        blue = static_blue(eb, y - xb @ H.T, H, np.stack([o.error_std for o in exp.observations])[s0:].mean(0) ** 2)
+        blue = static_blue(eb, y - xb @ H.T, H, obs.error_std ** 2)
         row = {"seconds": time.perf_counter() - t0}
         for label, e in (("background", eb), ("analysis", ea), ("static_blue", blue)):
             row[label] = {"all": _rms(e), "observed": _rms(e[:, observed]), "unobserved": _rms(e[:, ~observed])}
@@ -150,9 +151,8 @@ def main() -> int:
         p = row["previous_increment"]
         lines.append(f"  {name:<8}" + " | ".join(f"{p[k]['corr']:+.3f} {p[k]['gain']:.4f}" for k in ("observed", "unobserved")))
     print("\n".join(lines))
-    out = REPO / "lodas_output" / "memory_bound.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    with atomic_path(REPO / "lodas_output" / "memory_bound.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))
     return 0

@@ -28,16 +28,23 @@ PUBLISHED = {"l96": {"3dvar": 0.41, "etkf": 0.18, "climatology": 3.6}, "sw": {}}
 BENCH_ONLY = ("etkf",)
 
 
-def _bench_etkf(exp) -> dict:
-    """The ETKF row: ``etkf_members`` members around ``x_b0`` (seed ``[seed, 4]``), cycled in-process."""
+def etkf_run(exp, **record) -> dict:
+    """The harness' ETKF on ``exp``: ``etkf_members`` members around ``x_b0`` (seed ``[seed, 4]``),
+    cycled in-process; :func:`coupler.assim.etkf.run_etkf`'s dict (``record``: its
+    ``record_backgrounds`` / ``record_analyses``)."""
     from coupler.assim.etkf import initial_ensemble, run_etkf
     from coupler.twin import init_error_std
 
     cfg, a = exp.cfg, exp.cfg.assim
     members = initial_ensemble(exp.x_b0, a.etkf_members, init_error_std(cfg)[:, 0, 0],
                                np.random.default_rng([exp.seed, 4]))
-    s = run_etkf(exp.model.step, members, exp.observations, exp.truth, exp.steps_per_cycle, a.inflation,
-                 spinup_cycles=cfg.twin.spinup_cycles, model_times=exp.times)
+    return run_etkf(exp.model.step, members, exp.observations, exp.truth, exp.steps_per_cycle, a.inflation,
+                    spinup_cycles=cfg.twin.spinup_cycles, model_times=exp.times, **record)
+
+
+def _bench_etkf(exp) -> dict:
+    """The ETKF row of the table (:func:`etkf_run`)."""
+    a, s = exp.cfg.assim, etkf_run(exp)
     return {"analysis_rmse": s["analysis_rmse"], "background_rmse": s["background_rmse"],
             "wall_s_per_cycle": s["wall_s_per_cycle"], "status_counts": s["status_counts"],
             "spread": s["spread"], "n_members": a.etkf_members, "inflation": a.inflation}
