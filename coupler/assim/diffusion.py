@@ -452,29 +452,44 @@ class LatentOptimization:
         z0_hat = z0_graph.detach()
         u = torch.zeros_like(z0_hat)            # z - z0_hat
         w = torch.zeros_like(z0_hat)            # C^{-1} u
+        p = q = rs_old = None                   # search direction, C^{-1} p, previous r.s
         for k in range(self.iterations):
             with torch.enable_grad():
                 z = (z0_hat + u).requires_grad_(True)
                 j = _call_misfit(misfit, z)
                 g = _grad(j, z)
                 r = -(g + w)                                           # -grad J, J = misfit + 1/2 u^T C^-1 u
-                (p,) = torch.autograd.grad(z0_graph, zt, r, retain_graph=k + 1 < self.iterations)
-            p = c * p                                                  # C r: the preconditioned direction
+                (s,) = torch.autograd.grad(z0_graph, zt, r, retain_graph=k + 1 < self.iterations)
+            s = c * s                                                  # C r: the preconditioned residual
             # Cov[z | z_t] <= Cov[z] = prior_var I: at large noise C_t is the difference of nearly equal
-            # terms divided by alpha_t^2, and the network's error in it is not bounded
-            p = p * (cap * _member_norm(r) / _member_norm(p).clamp_min(1e-30)).clamp(max=1.0)
-            rp = _member_sum(r * p)
-            # a learnt C_t need not be positive definite: where r.p <= 0 the direction does not descend
-            # J_t; that member takes the isotropic direction cap * r instead
-            bad = ~(rp > 1e-12 * cap * _member_sum(r * r))
+            # terms divided by alpha_t^2, and the network's error in it is not bounded: where C r is
+            # longer than cap ||r|| the member's covariance is taken as kappa C (kappa < 1), so that
+            # s = kappa C r and its C^{-1} s is still r
+            s = s * (cap * _member_norm(r) / _member_norm(s).clamp_min(1e-30)).clamp(max=1.0)
+            rs = _member_sum(r * s)
+            # a learnt C_t need not be positive definite: where r.s <= 0 it does not precondition;
+            # that member takes the isotropic direction cap * r instead (C = cap I there) and restarts
+            # its conjugate directions. Either way C^{-1} s = r
+            bad = ~(rs > 1e-12 * cap * _member_sum(r * r))
             if bool(bad.any()):
-                p = torch.where(_per_member(bad, p), cap * r, p)
-                rp = _member_sum(r * p)
+                s = torch.where(_per_member(bad, s), cap * r, s)
+                rs = _member_sum(r * s)
+            if p is None:
+                p, q = s, r
+            else:
+                # Fletcher-Reeves in the C metric, restarted (beta = 0) for a member whose
+                # direction would not descend or that fell back to the isotropic direction
+                beta = rs / rs_old.clamp_min(1e-30)
+                pc, qc = s + _per_member(beta, s) * p, r + _per_member(beta, r) * q
+                keep = _per_member(~bad & (_member_sum(r * pc) > 0), s)
+                p, q = torch.where(keep, pc, s), torch.where(keep, qc, r)
+            rp, pq = _member_sum(r * p), _member_sum(p * q)            # -dJ/da and the prior curvature p^T C^-1 p
             # curvature of the misfit along p (exact for a linear observed decoder):
             # misfit(z + p) - misfit(z) - p.g = 1/2 p^T G^T R^-1 G p
             pgp = 2.0 * (_call_misfit(misfit, z.detach() + p) - j.detach() - _member_sum(p * g))
-            step = _per_member(rp / (rp + pgp.clamp_min(0.0)).clamp_min(1e-30), u)
-            u, w = u + step * p, w + step * r
+            step = _per_member(rp / (pq + pgp.clamp_min(0.0)).clamp_min(1e-30), u)
+            u, w = u + step * p, w + step * q
+            rs_old = rs
         return GuidedEstimate(z0_hat + u)
 
     def guide(self, denoiser, z_t, alpha_t, sigma_t, misfit) -> GuidedEstimate:
