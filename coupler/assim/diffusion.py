@@ -390,11 +390,13 @@ class LatentOptimization:
 
         J_t(z) = misfit(z) + prior_weight/2 (z - z0_hat)^T C_t^{-1} (z - z0_hat)
 
-    minimised by preconditioned steepest descent with an exact line search, in ``u = z - z0_hat``
-    (tracking ``w = C_t^{-1} u``, so that ``C_t`` is never inverted):
+    minimised by preconditioned conjugate gradients (Fletcher-Reeves in the ``C_t`` metric) with
+    an exact line search, in ``u = z - z0_hat`` (tracking ``w = C_t^{-1} u`` and
+    ``q = C_t^{-1} p``, so that ``C_t`` is never inverted):
 
-        r = -(grad misfit(z0_hat + u) + w),     p = C_t r,
-        step = r.p / (r.p + p^T G^T R^{-1} G p),     u <- u + step p,   w <- w + step r,
+        r = -(grad misfit(z0_hat + u) + w),     s = C_t r,
+        p = s + beta p_prev,   q = r + beta q_prev,   beta = r.s / (r.s)_prev   (0 at the first),
+        step = r.p / (p.q + p^T G^T R^{-1} G p),     u <- u + step p,   w <- w + step q,
 
     per member, with the curvature ``p^T G^T R^{-1} G p`` (``G`` the observed decoder Jacobian)
     from one more misfit evaluation, ``2 (misfit(z + p) - misfit(z) - p.g)`` (exact for a linear
@@ -403,10 +405,14 @@ class LatentOptimization:
     The first iteration moves along SDA's direction ``-C_t grad misfit`` (Rozet & Louppe's update
     without their inflation of ``R``), by the step that minimises ``J_t`` along it instead of a
     tuned one; more iterations converge to the minimiser, the Gauss-Newton MAP of the nonlinear
-    decoder under ``N(z0_hat, C_t)`` (the Kalman update of ``z0_hat`` for a linear one); no step
-    size to tune (``lr`` and ``optimizer`` are not used). ``C_t r`` is capped at
-    ``prior_var/prior_weight * ||r||`` per member: at large noise ``C_t`` is the difference of nearly equal terms divided by
-    ``alpha_t^2``, and the network's error in it is not bounded.
+    decoder under ``N(z0_hat, C_t)`` (the Kalman update of ``z0_hat`` for a linear one: exactly
+    after as many iterations as the increment has independent directions, ``rank(C_t G^T)`` at
+    most, where steepest descent only converges geometrically); no step size to tune (``lr``
+    and ``optimizer`` are not used). ``C_t r`` is capped at ``prior_var/prior_weight * ||r||``
+    per member: at large noise ``C_t`` is the difference of nearly equal terms divided by
+    ``alpha_t^2``, and the network's error in it is not bounded. A member whose direction does
+    not descend (a learnt ``C_t`` need not be positive definite) restarts with ``beta = 0``.
+    Same cost per iteration as steepest descent (one misfit gradient, one VJP, one misfit).
 
     Args:
         iterations: optimiser iterations per reverse step, >= 1.
