@@ -46,46 +46,47 @@ def main() -> int:
     if args.block < 1 or args.cycles < args.block:
         raise SystemExit(f"--block {args.block} --cycles {args.cycles}: expected 1 <= block <= cycles")
 
-    from bridges.namelist import load
+    from bridges.namelist import NamelistError, load
     from coupler.experiment import make_experiment, run_method
-    from coupler.io.atomic import atomic_path
+    from coupler.io.atomic import write_text
     from coupler.methods import make_method
 
     over = [f"assim_nml.threads={args.threads}", "twin_nml.spinup_cycles=0"]
-    cfg = load(args.namelist, over)
+    try:                                     # every method's settings checked before the (long) experiment
+        cfg = load(args.namelist, over)
+        methods = {name: load(args.namelist, over + [f"assim_nml.method='{name}'"])
+                   for name in args.methods.split(",")}
+    except NamelistError as exc:
+        raise SystemExit(f"cycle_drift: {exc}") from None
     exp = make_experiment(cfg, seed=args.seed, n_cycles=args.cycles)
-    n = args.cycles
-    hours = exp.steps_per_cycle * exp.dt / 3600.0 if cfg.twin.model == "sw" else None
-    spread = exp.truth.reshape(n, exp.truth.shape[1], -1).std(-1)            # (n, nvar)
+    n, variables = args.cycles, list(cfg.grid.variables)
+    spread = exp.truth.reshape(n, len(variables), -1).std(-1)                  # (n, nvar)
     result = {"namelist": str(args.namelist), "seed": args.seed, "cycles": n, "block": args.block,
-              "spinup_steps": cfg.twin.spinup_steps, "variables": list(cfg.grid.variables),
-              "truth_std": {v: block_means(spread[:, k], args.block) for k, v in enumerate(cfg.grid.variables)},
+              "spinup_steps": cfg.twin.spinup_steps, "variables": variables,
+              "truth_std": {v: block_means(spread[:, k], args.block) for k, v in enumerate(variables)},
               "methods": {}}
-    for name in args.methods.split(","):
-        mcfg = load(args.namelist, over + [f"assim_nml.method='{name}'"])
+    for name, mcfg in methods.items():
         s = run_method(exp, make_method(mcfg, covariance=exp.covariance), record_backgrounds=True,
                        record_analyses=True)
         ea = np.sqrt(((s["analyses"] - exp.truth) ** 2).reshape(n, -1).mean(-1))
         eb = np.sqrt(((s["backgrounds"] - exp.truth) ** 2).reshape(n, -1).mean(-1))
         result["methods"][name] = {"analysis_rmse": block_means(ea, args.block),
                                    "background_rmse": block_means(eb, args.block)}
-    head = f"{'cycles':>11}" + (f"{'days':>12}" if hours else "")
-    head += "".join(f"{m + ' a / b':>20}" for m in result["methods"]) + "".join(f"{'std ' + v:>9}" for v in
-                                                                                 cfg.grid.variables)
+    # shallow water counts model time in seconds: label the blocks in days as well
+    days = (lambda c: (cfg.twin.spinup_steps + c * exp.steps_per_cycle) * exp.dt / 86400.0) \
+        if cfg.twin.model == "sw" else None
     lines = [f"cycled RMSE by block: {args.namelist}, seed {args.seed}, truth after {cfg.twin.spinup_steps} "
-             f"model steps", head]
+             f"model steps",
+             f"{'cycles':<11}" + (f"{'days':<12}" if days else "") + "".join(f"{m + ' a / b':>20}" for m in methods)
+             + "".join(f"{'std ' + v:>9}" for v in variables)]
     for b, k in enumerate(range(0, n, args.block)):
-        row = f"{k:>5}-{min(k + args.block, n) - 1:<5}"
-        if hours:
-            d0 = cfg.twin.spinup_steps * exp.dt / 86400.0
-            row += f"{d0 + k * hours / 24:>6.0f}-{d0 + min(k + args.block, n) * hours / 24:<5.0f}"
-        for m in result["methods"].values():
-            row += f"{m['analysis_rmse'][b]:>11.4f} {m['background_rmse'][b]:>7.4f} "
-        row += "".join(f"{result['truth_std'][v][b]:>9.3f}" for v in cfg.grid.variables)
-        lines.append(row)
+        end = min(k + args.block, n)
+        row = f"{k:>5}-{end - 1:<5}" + (f"{days(k):>5.0f}-{days(end):<6.0f}" if days else "")
+        row += "".join(f"{m['analysis_rmse'][b]:>12.4f} {m['background_rmse'][b]:>7.4f}"
+                       for m in result["methods"].values())
+        lines.append(row + "".join(f"{result['truth_std'][v][b]:>9.3f}" for v in variables))
     print("\n".join(lines))
-    with atomic_path(REPO / "lodas_output" / "cycle_drift.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    write_text(REPO / "lodas_output" / "cycle_drift.json", json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))
     return 0

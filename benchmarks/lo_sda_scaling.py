@@ -49,7 +49,7 @@ def main() -> int:
 
     from bridges.namelist import load
     from coupler.experiment import make_experiment, run_method
-    from coupler.io.atomic import atomic_path
+    from coupler.io.atomic import write_text
     from coupler.methods import make_method
 
     nml = REPO / "namelists" / f"{args.testbed}_bench.nml"
@@ -100,8 +100,7 @@ def main() -> int:
                                   for m in ("lo-sda", *BASELINES)), flush=True)
     result = {"testbed": args.testbed, "seed": args.seed, "cycles": args.cycles, "spinup": args.spinup,
               "threads": args.threads, "centre": centre, "3dvar": ref, "lo-sda": rows, "equal_steps": baselines}
-    with atomic_path(REPO / "lodas_output" / f"lo_sda_scaling_{args.testbed}.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    write_text(REPO / "lodas_output" / f"lo_sda_scaling_{args.testbed}.json", json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result))
     return 0

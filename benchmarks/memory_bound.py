@@ -99,7 +99,7 @@ def main() -> int:
     from coupler.assim.obs_operator import observation_operator
     from coupler.bench import etkf_run
     from coupler.experiment import make_experiment, run_method
-    from coupler.io.atomic import atomic_path
+    from coupler.io.atomic import write_text
     from coupler.methods import make_method
 
     over = [f"assim_nml.threads={args.threads}", f"twin_nml.spinup_cycles={args.spinup}"]
@@ -151,8 +151,7 @@ def main() -> int:
         p = row["previous_increment"]
         lines.append(f"  {name:<8}" + " | ".join(f"{p[k]['corr']:+.3f} {p[k]['gain']:.4f}" for k in ("observed", "unobserved")))
     print("\n".join(lines))
-    with atomic_path(REPO / "lodas_output" / "memory_bound.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    write_text(REPO / "lodas_output" / "memory_bound.json", json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
