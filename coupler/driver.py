@@ -195,7 +195,9 @@ def summarize(rows: list[dict], spinup_cycles: int = 0, variables: list[str] | N
 
     RMSEs against the truth are means over cycles of the per-cycle RMSE: ``*_rmse`` over all
     state elements, ``*_rmse_per_variable`` for each variable in its own unit (keyed by
-    ``variables`` when given, else a list in state order).
+    ``variables`` when given, else a list in state order). ``analysis_rmse_by_cycle`` is the
+    per-cycle analysis RMSE after spin-up (``None`` where there is none or it is not finite):
+    the series that paired comparisons of two methods need (:func:`coupler.bench.paired_difference`).
     """
     def mean(key, rs):
         vals = [r[key] for r in rs if r.get(key) is not None and math.isfinite(r[key])]
@@ -217,6 +219,8 @@ def summarize(rows: list[dict], spinup_cycles: int = 0, variables: list[str] | N
         "analysis_rmse": mean("rmse_a", kept),
         "background_rmse_per_variable": mean_per_variable("rmse_b_per_variable", kept),
         "analysis_rmse_per_variable": mean_per_variable("rmse_a_per_variable", kept),
+        "analysis_rmse_by_cycle": [r["rmse_a"] if r.get("rmse_a") is not None and math.isfinite(r["rmse_a"]) else None
+                                   for r in kept],
         "wall_s": {k: mean(k, rows) for k in ("wait_s", "analysis_s", "scatter_s", "host_put_s", "host_get_s")},
         "status_counts": dict(counts),
     }

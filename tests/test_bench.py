@@ -38,6 +38,38 @@ def test_bench_runs_the_diffusion_methods_with_the_shipped_checkpoint():
     for name in ("lo-sda", "dps", "sda"):
         assert m[name]["status_counts"] == {"ok": 12}, m[name]
         assert m[name]["analysis_rmse"] < m[name]["background_rmse"] < m["none"]["background_rmse"], m[name]
+    # the paired comparison with LO-SDA: over the same 10 scored cycles the mean per-cycle difference is
+    # the difference of the mean RMSEs (10 serially correlated cycles are too few for a narrow interval)
+    assert "minus_lo-sda" not in m["lo-sda"]
+    for name in ("none", "dps", "sda"):
+        d = m[name]["minus_lo-sda"]
+        assert d["cycles"] == 10 and d["mean"] == pytest.approx(m[name]["analysis_rmse"] - m["lo-sda"]["analysis_rmse"])
+        assert d["ci"][0] < d["mean"] < d["ci"][1] and d["effective_cycles"] <= 10
+
+
+def test_paired_difference_interval_and_serial_correlation():
+    """The interval covers the true mean difference and excludes zero; serially correlated
+    differences count as fewer cycles and widen it; missing cycles drop from both series."""
+    from coupler.bench import paired_difference
+
+    rng = np.random.default_rng(0)
+    b = rng.uniform(0.3, 0.5, 2000)
+    white = paired_difference(b + 0.01 + 0.02 * rng.standard_normal(2000), b)
+    assert white["ci"][0] < 0.01 < white["ci"][1] and white["ci"][0] > 0
+    assert white["lag1_autocorrelation"] < 0.1 and white["effective_cycles"] > 0.8 * 2000
+
+    e = np.zeros(2000)                                # AR(1) differences, rho = 0.9: n_eff ~ n / 19
+    for c in range(1, 2000):
+        e[c] = 0.9 * e[c - 1] + 0.02 * np.sqrt(1 - 0.81) * rng.standard_normal()
+    red = paired_difference(b + 0.01 + e, b)
+    assert 0.8 < red["lag1_autocorrelation"] < 0.95 and red["effective_cycles"] < 200
+    assert red["ci"][1] - red["ci"][0] > 3 * (white["ci"][1] - white["ci"][0])
+
+    gappy = paired_difference([0.5, None, float("nan")] + [0.4] * 20, [0.3, 0.3, 0.3] + [0.3] * 20)
+    assert gappy["cycles"] == 21
+    assert paired_difference([0.1] * 9, [0.2] * 9) is None
+    with pytest.raises(ValueError, match="10 and 11 cycles"):
+        paired_difference([0.1] * 10, [0.1] * 11)
 
 
 def test_bench_every_other_variable_observed_uses_its_own_prior():
