@@ -195,9 +195,10 @@ def summarize(rows: list[dict], spinup_cycles: int = 0, variables: list[str] | N
 
     RMSEs against the truth are means over cycles of the per-cycle RMSE: ``*_rmse`` over all
     state elements, ``*_rmse_per_variable`` for each variable in its own unit (keyed by
-    ``variables`` when given, else a list in state order). ``analysis_rmse_by_cycle`` is the
-    per-cycle analysis RMSE after spin-up (``None`` where there is none or it is not finite):
-    the series that paired comparisons of two methods need (:func:`coupler.bench.paired_difference`).
+    ``variables`` when given, else a list in state order). ``analysis_rmse_by_cycle`` and
+    ``background_rmse_by_cycle`` are the per-cycle RMSEs after spin-up (``None`` where there is
+    none or it is not finite): the series that paired comparisons of two methods
+    (:func:`coupler.bench.paired_difference`) and block means (``benchmarks/cycle_drift.py``) need.
     """
     def mean(key, rs):
         vals = [r[key] for r in rs if r.get(key) is not None and math.isfinite(r[key])]
@@ -210,6 +211,9 @@ def summarize(rows: list[dict], spinup_cycles: int = 0, variables: list[str] | N
         means = [float(v) for v in np.mean(vals, axis=0)]
         return dict(zip(variables, means)) if variables else means
 
+    def by_cycle(key, rs):
+        return [r[key] if r.get(key) is not None and math.isfinite(r[key]) else None for r in rs]
+
     kept = rows[spinup_cycles:] or rows
     counts = Counter(Status(r["status"]).label for r in rows)
     return {
@@ -219,8 +223,8 @@ def summarize(rows: list[dict], spinup_cycles: int = 0, variables: list[str] | N
         "analysis_rmse": mean("rmse_a", kept),
         "background_rmse_per_variable": mean_per_variable("rmse_b_per_variable", kept),
         "analysis_rmse_per_variable": mean_per_variable("rmse_a_per_variable", kept),
-        "analysis_rmse_by_cycle": [r["rmse_a"] if r.get("rmse_a") is not None and math.isfinite(r["rmse_a"]) else None
-                                   for r in kept],
+        "background_rmse_by_cycle": by_cycle("rmse_b", kept),
+        "analysis_rmse_by_cycle": by_cycle("rmse_a", kept),
         "wall_s": {k: mean(k, rows) for k in ("wait_s", "analysis_s", "scatter_s", "host_put_s", "host_get_s")},
         "status_counts": dict(counts),
     }
