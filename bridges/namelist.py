@@ -151,6 +151,11 @@ class AssimNml:
     etkf_members: int = _key(40, doc="etkf (lodas bench and lodas train only): ensemble members", ge=2)
     inflation: float = _key(1.0, doc="etkf (lodas bench and lodas train only): multiplicative inflation of the "
                             "forecast anomalies (1: none)", gt=0)
+    etkf_localization: float = _key(0.0, doc="etkf (lodas bench and lodas train only): Gaspari-Cohn half-width of "
+                                    "the LETKF's observation-error localisation, in grid points (weights vanish "
+                                    "beyond twice it); 0: the global ETKF", ge=0)
+    etkf_rtps: float = _key(0.0, doc="etkf (lodas bench and lodas train only): relaxation of the analysis spread "
+                            "to the forecast spread, 0 (none) to 1 (Whitaker & Hamill 2012)", ge=0, le=1)
     threads: int = _key(1, doc="diffusion methods: torch CPU threads of each driver (or replay) rank; results are "
                         "bit-reproducible for a given count (left alone, torch takes 1 under mpiexec and every core "
                         "standalone, so in-line and replay runs would differ in the last bits)", ge=1)

@@ -295,14 +295,9 @@ def make_pairs(cfg) -> Pairs:
             cfg3 = dataclasses.replace(cfg, assim=dataclasses.replace(cfg.assim, method="3dvar"))
             s = run_method(exp, make_method(cfg3, covariance=exp.covariance), record_backgrounds=True)
         else:
-            from coupler.assim.etkf import initial_ensemble, run_etkf
-            from coupler.twin import init_error_std
+            from coupler.bench import etkf_run
 
-            a = cfg.assim
-            members = initial_ensemble(exp.x_b0, a.etkf_members, init_error_std(cfg)[:, 0, 0],
-                                       np.random.default_rng([t.seed, 4]))
-            s = run_etkf(exp.model.step, members, exp.observations, exp.truth, exp.steps_per_cycle, a.inflation,
-                         spinup_cycles=t.spinup_cycles, model_times=exp.times, record_backgrounds=True)
+            s = etkf_run(exp, seed=t.seed, spinup_cycles=t.spinup_cycles, record_backgrounds=True)
         b = np.asarray(s["backgrounds"])
         if b.shape != exp.truth.shape:
             raise RuntimeError(f"{src}: recorded {b.shape[0]} backgrounds for {exp.n_cycles} cycles")

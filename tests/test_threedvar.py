@@ -91,6 +91,21 @@ def test_dense_is_symmetric_psd_and_matches_apply(shape):
     np.testing.assert_allclose(B.scaled(2.5).dense(), 2.5 * Bd, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_square_root_squares_to_b_and_samples_have_covariance_b(shape):
+    rng = np.random.default_rng(4)
+    n = int(np.prod(shape))
+    B = SpectralCovariance.from_climatology(climatology(shape, 7, rng))  # rank-deficient: PSD, not PD
+    R = B.sqrt().dense()
+    np.testing.assert_allclose(R, R.T, rtol=0, atol=1e-13 * np.abs(R).max())
+    np.testing.assert_allclose(R @ R, B.dense(), rtol=0, atol=1e-12 * np.abs(B.dense()).max())
+    z = B.sample(np.random.default_rng(5), 4000).reshape(4000, n)
+    assert z.shape == (4000, n)
+    C = z.T @ z / 4000
+    scale = np.abs(B.dense()).max()
+    assert np.abs(C - B.dense()).max() < 0.15 * scale          # 4000 draws: ~sqrt(2/4000) = 2% per entry
+
+
 def test_from_climatology_is_translation_averaged_sample_covariance():
     rng = np.random.default_rng(3)
     shape = (2, 3, 5)

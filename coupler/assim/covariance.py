@@ -248,6 +248,20 @@ class SpectralCovariance:
             raise ValueError(f"factor: must be finite and > 0, got {factor!r}")
         return SpectralCovariance(self.spectrum * f, self.shape)
 
+    def sqrt(self) -> "SpectralCovariance":
+        r"""The symmetric square root ``B^{1/2}`` (``B^{1/2} B^{1/2} = B``), homogeneous too: its
+        spectrum is the Hermitian square root of ``Lambda(k)`` at every wavenumber,
+        ``U diag(sqrt(l)) U^H`` for ``Lambda(k) = U diag(l) U^H``. ``B^{1/2} xi`` with white
+        ``xi ~ N(0, I)`` has covariance ``B`` (:meth:`sample`)."""
+        lam = np.moveaxis(self.spectrum, (0, 1), (-2, -1))              # (ny, nk, nvar, nvar)
+        l, U = np.linalg.eigh(lam)
+        root = (U * np.sqrt(np.clip(l, 0.0, None))[..., None, :]) @ np.conj(np.swapaxes(U, -1, -2))
+        return SpectralCovariance(np.moveaxis(root, (-2, -1), (0, 1)), self.shape)
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``n`` draws from ``N(0, B)``, shape ``(n, nvar, ny, nx)``: ``B^{1/2} xi`` (:meth:`sqrt`)."""
+        return self.sqrt().apply(rng.standard_normal((int(n), *self.shape)))
+
     def covariance_function(self) -> np.ndarray:
         """Real-space covariance function ``c = irfft2(Lambda)``, shape ``(nvar, nvar, ny, nx)``,
         ``c[a, b, dj, di] = Cov(x_a[j + dj, i + di], x_b[j, i])``."""
