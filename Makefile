@@ -37,7 +37,7 @@ bench: build
 	$(PY) -m coupler bench l96 --methods none,3dvar,etkf,dps,sda,lo-sda --cycles 1200 --set twin_nml.spinup_cycles=200
 	$(PY) -m coupler bench sw --methods none,3dvar,dps,sda,lo-sda --cycles 120 --set twin_nml.spinup_cycles=20
 	$(PY) -m coupler bench sw --methods 3dvar,dps,sda,lo-sda --cycles 240 --set twin_nml.spinup_cycles=120
-	$(PY) -m coupler bench sw --methods none,3dvar,dps,sda,lo-sda --cycles 240 --set twin_nml.spinup_cycles=120 --set twin_nml.spinup_steps=21120
+	$(PY) -m coupler bench sw --methods none,3dvar,etkf,dps,sda,lo-sda --cycles 240 --set twin_nml.spinup_cycles=120 --set twin_nml.spinup_steps=21120
 	$(PY) benchmarks/cycle_drift.py --methods 3dvar
 	$(PY) -m coupler bench l96 --namelist namelists/l96_half_bench.nml --methods none,3dvar,etkf,dps,sda,lo-sda --cycles 1200 --set twin_nml.spinup_cycles=200
 	$(PY) benchmarks/memory_bound.py --methods 3dvar,etkf,sda,lo-sda

@@ -114,7 +114,7 @@ def _bench_etkf(exp) -> dict:
     a, s = exp.cfg.assim, etkf_run(exp)
     return {"analysis_rmse": s["analysis_rmse"], "background_rmse": s["background_rmse"],
             "wall_s_per_cycle": s["wall_s_per_cycle"], "status_counts": s["status_counts"],
-            "analysis_rmse_per_variable": s["analysis_rmse_per_variable"],
+            "analysis_rmse_per_variable": dict(zip(exp.cfg.grid.variables, s["analysis_rmse_per_variable"])),
             "analysis_rmse_by_cycle": s["analysis_rmse_by_cycle"], "spread": s["spread"],
             "n_members": a.etkf_members, "inflation": a.inflation, "localization": a.etkf_localization,
             "rtps": a.etkf_rtps}

@@ -23,6 +23,17 @@ def test_bench_l96_json_contract_and_ordering():
     assert m["etkf"]["time_ratio_to_3dvar"] == pytest.approx(m["etkf"]["wall_s_per_cycle"] / m["3dvar"]["wall_s_per_cycle"])
 
 
+def test_bench_letkf_keys_reach_the_filter():
+    """&assim_nml etkf_localization / etkf_rtps: 10 members, where the global ETKF diverges (tests/test_etkf.py)."""
+    p = lodas("bench", "l96", "--methods", "etkf", "--cycles", "300", "--set", "twin_nml.spinup_cycles=100",
+              "--set", "assim_nml.etkf_members=10", "--set", "assim_nml.etkf_localization=4",
+              "--set", "assim_nml.etkf_rtps=0.3", "--json", timeout=300)
+    assert p.returncode == 0, p.stderr
+    m = json.loads(p.stdout.strip().splitlines()[-1])["methods"]["etkf"]
+    assert (m["n_members"], m["localization"], m["rtps"]) == (10, 4.0, 0.3)
+    assert m["analysis_rmse"] < 0.3 and set(m["analysis_rmse_per_variable"]) == {"x"}, m
+
+
 def test_bench_rejects_a_namelist_of_the_other_testbed():
     p = lodas("bench", "sw", "--namelist", "namelists/l96_bench.nml", "--cycles", "2", timeout=120)
     assert p.returncode != 0 and "twin_nml model = 'l96'" in p.stderr
