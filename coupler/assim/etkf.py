@@ -55,8 +55,9 @@ column ``g`` to observation ``p``'s location, a footprint's centre):
 
 With every ``rho_gp = 1`` each column gets the global weights, so the analysis is the global
 ETKF's (tested). A column with no observation within ``2c`` keeps its (inflated) forecast.
-All ``ny nx`` eigen-decompositions of the ``N x N`` matrices are one batched LAPACK call;
-about 0.6 s per shallow-water analysis (4096 columns, ``N = 40``) on one core.
+All ``ny nx`` eigen-decompositions of the ``N x N`` matrices are one batched LAPACK call:
+1.2 s per shallow-water analysis (4096 columns, ``N = 40``, 556 observations) on one core,
+0.8 s of it the eigen-decompositions; with the 40 member forecasts 2.7-2.9 s per cycle.
 """
 from __future__ import annotations
 
