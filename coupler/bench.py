@@ -80,13 +80,12 @@ def paired_difference(a, b, level: float = 0.95) -> dict | None:
             "cycles": int(n), "effective_cycles": float(n_eff)}
 
 
-def etkf_run(exp, *, seed: int | None = None, spinup_cycles: int | None = None, **record) -> dict:
+def etkf_run(exp, *, spinup_cycles: int | None = None, **record) -> dict:
     """The harness' ETKF (LETKF with ``&assim_nml etkf_localization > 0``) on ``exp``, cycled
     in-process: :func:`coupler.assim.etkf.run_etkf`'s dict (``record``: its
     ``record_backgrounds`` / ``record_analyses``).
 
-    Its ``etkf_members`` initial members (stream ``[seed, 4]``, ``seed`` the experiment's by
-    default) are re-centred on ``x_b0``: with ``&twin_nml init_background = 'perturbed_truth'``
+    Its ``etkf_members`` initial members (stream ``[exp.seed, 4]``) are re-centred on ``x_b0``: with ``&twin_nml init_background = 'perturbed_truth'``
     white noise of ``init_error_std``; with ``'independent'`` (``x_b0`` a state of another
     trajectory) ``B^{1/2} xi / sqrt(2)``, ``B`` the experiment's climatological covariance:
     balanced, spatially correlated perturbations (white ones are damped within hours). Half the
@@ -98,7 +97,7 @@ def etkf_run(exp, *, seed: int | None = None, spinup_cycles: int | None = None, 
     from coupler.twin import init_error_std
 
     cfg, a = exp.cfg, exp.cfg.assim
-    rng = np.random.default_rng([exp.seed if seed is None else seed, 4])
+    rng = np.random.default_rng([exp.seed, 4])
     if cfg.twin.init_background == "independent":
         members = initial_ensemble(exp.x_b0, a.etkf_members, exp.covariance.scaled(0.5), rng)
     else:

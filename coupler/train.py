@@ -297,7 +297,7 @@ def make_pairs(cfg) -> Pairs:
         else:
             from coupler.bench import etkf_run
 
-            s = etkf_run(exp, seed=t.seed, spinup_cycles=t.spinup_cycles, record_backgrounds=True)
+            s = etkf_run(exp, spinup_cycles=t.spinup_cycles, record_backgrounds=True)   # exp.seed is t.seed
         b = np.asarray(s["backgrounds"])
         if b.shape != exp.truth.shape:
             raise RuntimeError(f"{src}: recorded {b.shape[0]} backgrounds for {exp.n_cycles} cycles")

@@ -186,8 +186,8 @@ def etkf_analysis(ensemble: np.ndarray, y: np.ndarray, H, R_std: np.ndarray, inf
         x_a, Ea = _local_update(x_f, A, S, d, localization)
     if rtps > 0:
         sd_f, sd_a = A.std(axis=0, ddof=1), (Ea - x_a).std(axis=0, ddof=1)
-        factor = np.where(sd_a > 0, rtps * sd_f / np.where(sd_a > 0, sd_a, 1.0) + (1.0 - rtps), 1.0)
-        Ea = x_a + (Ea - x_a) * factor
+        ratio = np.divide(sd_f, sd_a, out=np.ones_like(sd_f), where=sd_a > 0)   # no spread left: nothing to scale
+        Ea = x_a + (Ea - x_a) * (rtps * ratio + (1.0 - rtps))
     if not return_info:
         return Ea
     omb = y - y_f
