@@ -267,6 +267,13 @@ class TrainNml:
     background_sources: list[str] = _key(["3dvar"], doc="cycled runs that make the backgrounds: 3dvar (&assim_nml "
                                          "b_scale) and/or etkf (&assim_nml etkf_members, inflation; sharper backgrounds)",
                                          choices=("3dvar", "etkf"))
+    etkf_cycles: int = _key(0, doc="kept cycles the etkf source covers: 0 all n_cycles (its members start from the "
+                            "independent initial state, like 3dvar's); > 0 only the last etkf_cycles, its members "
+                            "drawn around the 3dvar source's analysis etkf_spinup_cycles cycles earlier (an ensemble "
+                            "filter started late from a cycled analysis settles in tens of cycles instead of hundreds; "
+                            "needs '3dvar' in background_sources)", ge=0)
+    etkf_spinup_cycles: int = _key(80, doc="with etkf_cycles > 0: cycles the late-started etkf source runs before its "
+                                   "first kept background (filter spin-up)", ge=0)
     forecast_leads: list[int] = _key([1], doc="forecast leads (in cycles) of the backgrounds made from each source: "
                                      "lead k is the source's analysis of k cycles before integrated k cycles (wider "
                                      "background errors of the same flow-dependent kind)", ge=1)

@@ -184,6 +184,20 @@ def _check_config(cfg):
         if t.self_cycling_cycles <= n_val or t.self_cycling_cycles > t.n_cycles:
             raise NamelistError(f"{cfg.path}: &train_nml self_cycling_cycles = {t.self_cycling_cycles}: expected more "
                                 f"than the {n_val} validation cycles and at most n_cycles = {t.n_cycles}")
+    if t.etkf_cycles and "etkf" in t.background_sources:
+        n_val = int(round(t.val_fraction * t.n_cycles))
+        if "3dvar" not in t.background_sources:
+            raise NamelistError(f"{cfg.path}: &train_nml etkf_cycles = {t.etkf_cycles} starts the etkf source around "
+                                f"the 3dvar source's analysis: add '3dvar' to background_sources = "
+                                f"{t.background_sources} (or set etkf_cycles = 0)")
+        if t.etkf_cycles <= n_val or t.etkf_cycles > t.n_cycles:
+            raise NamelistError(f"{cfg.path}: &train_nml etkf_cycles = {t.etkf_cycles}: expected more than the {n_val} "
+                                f"validation cycles and at most n_cycles = {t.n_cycles}")
+        if t.etkf_cycles + t.etkf_spinup_cycles >= t.n_cycles + t.spinup_cycles:
+            raise NamelistError(f"{cfg.path}: &train_nml etkf_spinup_cycles = {t.etkf_spinup_cycles}: with etkf_cycles "
+                                f"= {t.etkf_cycles} the etkf source would start before the first 3D-Var analysis "
+                                f"(expected etkf_cycles + etkf_spinup_cycles < n_cycles + spinup_cycles = "
+                                f"{t.n_cycles + t.spinup_cycles})")
     if len(set(t.forecast_leads)) != len(t.forecast_leads):
         raise NamelistError(f"{cfg.path}: &train_nml forecast_leads = {t.forecast_leads}: expected distinct leads")
     if t.spinup_cycles < max(t.forecast_leads) - 1:
@@ -289,37 +303,66 @@ def make_pairs(cfg) -> Pairs:
     keep = slice(t.spinup_cycles, None)
     truth = exp.truth[keep]
     backgrounds, names = [], []
+    runs: dict = {}
+
+    def cycled_3dvar() -> dict:                  # shared by the 3dvar source and a late-started etkf
+        if "3dvar" not in runs:
+            cfg3 = dataclasses.replace(cfg, assim=dataclasses.replace(cfg.assim, method="3dvar"))
+            runs["3dvar"] = run_method(exp, make_method(cfg3, covariance=exp.covariance), record_backgrounds=True,
+                                       record_analyses=t.etkf_cycles > 0 and "etkf" in t.background_sources)
+        return runs["3dvar"]
+
     for src in t.background_sources:
         t1 = time.perf_counter()
+        first = 0                                           # the first cycle (of n_total) that gives pairs
         if src == "3dvar":
-            cfg3 = dataclasses.replace(cfg, assim=dataclasses.replace(cfg.assim, method="3dvar"))
-            s = run_method(exp, make_method(cfg3, covariance=exp.covariance), record_backgrounds=True)
+            s = cycled_3dvar()
+            b = np.asarray(s["backgrounds"])
+        elif t.etkf_cycles:
+            # late start: cycle c0 is the first of the ensemble source, its members drawn around the 3D-Var
+            # analysis of cycle c0 - 1 (valid at the model time the ensemble starts from)
+            c0 = n_total - t.etkf_cycles - t.etkf_spinup_cycles
+            late = dataclasses.replace(exp, times=exp.times[c0:], truth=exp.truth[c0:],
+                                       observations=exp.observations[c0:], x_b0=cycled_3dvar()["analyses"][c0 - 1])
+            from coupler.bench import etkf_run
+
+            s = etkf_run(late, spinup_cycles=t.etkf_spinup_cycles, record_backgrounds=True)
+            b = np.concatenate([np.full((c0, *exp.truth.shape[1:]), np.nan), s["backgrounds"]])
+            first = c0 + t.etkf_spinup_cycles               # its spin-up cycles give no pairs
         else:
             from coupler.bench import etkf_run
 
             s = etkf_run(exp, spinup_cycles=t.spinup_cycles, record_backgrounds=True)   # exp.seed is t.seed
-        b = np.asarray(s["backgrounds"])
+            b = np.asarray(s["backgrounds"])
         if b.shape != exp.truth.shape:
             raise RuntimeError(f"{src}: recorded {b.shape[0]} backgrounds for {exp.n_cycles} cycles")
-        if not np.all(np.isfinite(b)):
+        covered = np.isfinite(b).reshape(len(b), -1).all(1)             # the cycles this source has run
+        if not np.all(np.isfinite(b[covered.argmax():])):
             raise RuntimeError(f"{src}: non-finite backgrounds in the training run (filter divergence)")
         for lead in t.forecast_leads:
             t2 = time.perf_counter()
             name = src if lead == 1 else f"{src}+{lead}"
             # lead k: the forecast of the analysis of k cycles before = the lead-1 background of
-            # k - 1 cycles before, integrated k - 1 more cycles without assimilation
-            bk = b if lead == 1 else np.concatenate(
-                [np.full((lead - 1, *b.shape[1:]), np.nan),
-                 exp.model.step(b[: len(b) - lead + 1], (lead - 1) * exp.steps_per_cycle)])
+            # k - 1 cycles before, integrated k - 1 more cycles without assimilation (NaN where the
+            # source has no background k - 1 cycles before)
+            bk = b
+            if lead > 1:
+                bk = np.full_like(b, np.nan)
+                rows = np.nonzero(covered[: len(b) - lead + 1])[0]
+                bk[rows + lead - 1] = exp.model.step(b[rows], (lead - 1) * exp.steps_per_cycle)
+            if first:
+                bk = bk.copy() if bk is b else bk
+                bk[:first] = np.nan
             bk = bk[keep]
             err = bk - truth
             info["sources"][name] = {
-                "background_rmse_train": float(np.sqrt(np.mean(err[:-n_val] ** 2))),
-                "background_rmse_val": float(np.sqrt(np.mean(err[-n_val:] ** 2))),
+                "kept_cycles": int(np.isfinite(bk).reshape(len(bk), -1).all(1).sum()),
+                "background_rmse_train": float(np.sqrt(np.nanmean(err[:-n_val] ** 2))),
+                "background_rmse_val": float(np.sqrt(np.nanmean(err[-n_val:] ** 2))),
                 "analysis_rmse": float(s["analysis_rmse"]), "seconds": time.perf_counter() - t1}
             log.info("training pairs from cycled %s, forecast lead %d cycle(s): %d cycles, background RMSE %.4f "
-                     "(%.1f s)", src, lead, bk.shape[0], info["sources"][name]["background_rmse_train"],
-                     time.perf_counter() - t2)
+                     "(%.1f s)", src, lead, info["sources"][name]["kept_cycles"],
+                     info["sources"][name]["background_rmse_train"], time.perf_counter() - t2)
             backgrounds.append(torch.from_numpy(bk.astype(np.float32)))
             names.append(name)
     return Pairs(truth=torch.from_numpy(truth.astype(np.float32)), background=torch.stack(backgrounds),
@@ -737,8 +780,9 @@ def train(cfg, *, resume: bool = False, max_epochs: int | None = None) -> dict:
         # the VAE's states: the truths and the base sources' backgrounds (not the self-cycled ones, which a
         # resumed run may already hold: they come after the VAE)
         base = [k for k, src in enumerate(pairs.sources) if "@" not in src]
-        train_states = torch.cat([pairs.truth[:n_tr], pairs.background[base, :n_tr].reshape(-1, *pairs.truth.shape[1:])])
-        val_states = torch.cat([pairs.truth[n_tr:], pairs.background[base, n_tr:].reshape(-1, *pairs.truth.shape[1:])])
+        valid = pairs.valid()             # a late-started source has no background (NaN) for the first cycles
+        train_states = torch.cat([pairs.truth[:n_tr], *(pairs.background[k, :n_tr][valid[k, :n_tr]] for k in base)])
+        val_states = torch.cat([pairs.truth[n_tr:], *(pairs.background[k, n_tr:][valid[k, n_tr:]] for k in base)])
         # -- models
         run = _Run(cfg, device)
         mean = train_states.double().mean(dim=(0, 2, 3))

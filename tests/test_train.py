@@ -183,6 +183,44 @@ def test_train_refuses_evaluation_seeds_and_missing_group(tmp_path):
     assert load(bare).train is None
 
 
+def test_late_started_etkf_source_covers_the_last_cycles_around_the_3dvar_analysis(tmp_path):
+    """etkf_cycles > 0: the etkf source has backgrounds (finite) for exactly its last cycles, after its
+    spin-up; started from the cycled 3D-Var analysis it is closer to the truth over those cycles than
+    the same filter cycled from the independent start; the VAE and prior train on the valid pairs only."""
+    from coupler.train import make_pairs, train
+
+    path = _nml(tmp_path)
+    path.write_text(path.read_text().replace("    val_fraction", "    etkf_cycles = 20\n    etkf_spinup_cycles = 5\n"
+                                             "    val_fraction"))
+    cfg = load(path)
+    pairs = make_pairs(cfg)
+    v = pairs.valid()
+    assert pairs.sources == ["3dvar", "3dvar+3", "etkf", "etkf+3"]
+    assert v[0].all() and v[1].all() and v[2, 20:].all() and not v[2, :20].any() and v[3].sum() == 20
+    whole = make_pairs(load(_nml(tmp_path, "whole.nml")))                        # etkf_cycles = 0: from the start
+    rmse = lambda b: float((b[20:] - pairs.truth[20:]).pow(2).mean().sqrt())     # noqa: E731
+    assert rmse(pairs.background[2]) < 0.75 * rmse(whole.background[2]), (rmse(pairs.background[2]),
+                                                                         rmse(whole.background[2]))
+    torch.testing.assert_close(pairs.background[:2], whole.background[:2])        # 3dvar: the same run
+    assert pairs.info["sources"]["etkf"]["kept_cycles"] == 20
+    s = train(cfg)
+    assert s["complete"] and s["n_train_states"] == 30 * 3 + 10 * 2 and s["n_train_pairs"] == 30 * 2 + 10 * 2
+    assert np.isfinite(s["prior"]["val_loss"]) and np.isfinite(s["vae"]["val_loss"])
+    assert all(np.isfinite(x) for x in s["background_error"].values()), s["background_error"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("etkf_cycles = 10", "etkf_cycles = 10: expected more than the 10 validation cycles"),
+    ("etkf_cycles = 38", "etkf_spinup_cycles = 80: with etkf_cycles = 38 the etkf source would start before"),
+])
+def test_late_etkf_source_checks(tmp_path, setting, message):
+    proc = lodas("train", str(_nml(tmp_path)), "--set", f"train_nml.{setting.replace(' ', '')}")
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    proc = lodas("train", str(_nml(tmp_path)), "--set", "train_nml.etkf_cycles=20",
+                 "--set", "train_nml.background_sources='etkf'")
+    assert proc.returncode == 2 and "add '3dvar' to background_sources" in proc.stderr, proc.stderr
+
+
 def test_random_shift_moves_pairs_together():
     g = torch.Generator().manual_seed(0)
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
