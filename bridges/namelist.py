@@ -274,6 +274,12 @@ class TrainNml:
                             "needs '3dvar' in background_sources)", ge=0)
     etkf_spinup_cycles: int = _key(80, doc="with etkf_cycles > 0: cycles the late-started etkf source runs before its "
                                    "first kept background (filter spin-up)", ge=0)
+    extra_trajectories: int = _key(0, doc="more truth trajectories, each cycled by the 3dvar source from its own "
+                                   "independent start (seeds derived from seed; their own station networks) for "
+                                   "extra_cycles kept cycles after spinup_cycles: training pairs only (the validation "
+                                   "block stays the end of the seed trajectory). Young flow: the first ~100 days of a "
+                                   "shallow-water run, which one long trajectory holds only at its start", ge=0)
+    extra_cycles: int = _key(320, doc="kept cycles per extra trajectory", ge=1)
     forecast_leads: list[int] = _key([1], doc="forecast leads (in cycles) of the backgrounds made from each source: "
                                      "lead k is the source's analysis of k cycles before integrated k cycles (wider "
                                      "background errors of the same flow-dependent kind)", ge=1)

@@ -221,6 +221,41 @@ def test_late_etkf_source_checks(tmp_path, setting, message):
     assert proc.returncode == 2 and "add '3dvar' to background_sources" in proc.stderr, proc.stderr
 
 
+def test_extra_trajectories_prepend_3dvar_training_pairs_of_other_truths(tmp_path):
+    """extra_trajectories: their kept cycles come first, 3dvar sources only (etkf NaN), other truths; the
+    seed trajectory's pairs (and so the validation block) are those of a run without them; the VAE and
+    prior count the extra pairs; a self-cycling round still cycles the seed trajectory's last cycles."""
+    from coupler.train import make_pairs, train
+
+    extra = "    extra_trajectories = 2\n    extra_cycles = 7\n"
+    path = _self_cycling_nml(tmp_path, "x.nml", tmp_path / "x.pt")
+    path.write_text(path.read_text().replace("    val_fraction", extra + "    val_fraction"))
+    cfg = load(path)
+    pairs, plain = make_pairs(cfg), make_pairs(load(_nml(tmp_path)))
+    assert pairs.truth.shape[0] == 2 * 7 + 40 and pairs.n_val == plain.n_val == 10
+    torch.testing.assert_close(pairs.truth[14:], plain.truth)
+    torch.testing.assert_close(pairs.background[:, 14:], plain.background, equal_nan=True)
+    v = pairs.valid()
+    assert pairs.sources == ["3dvar", "3dvar+3", "etkf", "etkf+3"]
+    assert v[:2, :14].all() and not v[2:, :14].any()
+    gap = lambda a, b: float((a - b).abs().mean())                                   # noqa: E731
+    assert gap(pairs.truth[:7], pairs.truth[7:14]) > 1 and gap(pairs.truth[7:14], plain.truth[:7]) > 1
+    rmse = [e["background_rmse_3dvar"] for e in pairs.info["extra_trajectories"]]
+    assert len(rmse) == 2 and all(0 < r < 3 for r in rmse), rmse
+    s = train(cfg)
+    assert s["complete"] and s["n_train_states"] == 30 * 5 + 14 * 3          # truths and all four sources
+    # 30 per source, 14 more per 3dvar source, 10 own (lo-sda@1: 20 cycles, 10 in the validation block)
+    assert s["n_train_pairs"] == 4 * 30 + 2 * 14 + 10 and s["n_val_pairs"] == 4 * 10 + 10
+    own = s["data"]["sources"]["lo-sda@1"]
+    assert own["cycles"] == 20 and np.isfinite(own["background_rmse_train"])
+
+
+def test_extra_trajectories_need_the_3dvar_source(tmp_path):
+    proc = lodas("train", str(_nml(tmp_path)), "--set", "train_nml.extra_trajectories=1",
+                 "--set", "train_nml.background_sources='etkf'")
+    assert proc.returncode == 2 and "extra_trajectories = 1 are cycled by the 3dvar source" in proc.stderr, proc.stderr
+
+
 def test_random_shift_moves_pairs_together():
     g = torch.Generator().manual_seed(0)
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
