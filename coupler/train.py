@@ -25,7 +25,7 @@ background errors a prior meets in cycling have the flow-dependent structure of 
 perturbations lack. And why several sources: 3D-Var backgrounds are broader than those LO-SDA
 sees once it beats 3D-Var, so ETKF-cycled backgrounds are mixed in (``background_sources =
 '3dvar', 'etkf'``) so that the prior has seen the error levels it meets in cycling. All sources
-share one truth trajectory; each keeps ``n_cycles`` cycles after ``spinup_cycles``; the last
+share the seed's truth trajectory; each keeps ``n_cycles`` cycles after ``spinup_cycles``; the last
 ``val_fraction`` of the cycles (a contiguous block: consecutive cycles are correlated) is held
 out for validation.
 
@@ -320,7 +320,7 @@ def make_pairs(cfg) -> Pairs:
     n_val = int(round(t.val_fraction * t.n_cycles))
     keep = slice(t.spinup_cycles, None)
     truth = exp.truth[keep]
-    backgrounds, names = [], []
+    backgrounds, names, made = [], [], []               # made: (source, lead) of each name
     runs: dict = {}
 
     def cycled_3dvar() -> dict:                  # shared by the 3dvar source and a late-started etkf
@@ -379,8 +379,9 @@ def make_pairs(cfg) -> Pairs:
                      info["sources"][name]["background_rmse_train"], time.perf_counter() - t2)
             backgrounds.append(torch.from_numpy(bk.astype(np.float32)))
             names.append(name)
+            made.append((src, lead))
     if t.extra_trajectories:
-        truth, backgrounds = _extra_trajectories(cfg, names, truth, backgrounds, info)
+        truth, backgrounds = _extra_trajectories(cfg, made, truth, backgrounds, info)
     return Pairs(truth=torch.from_numpy(truth.astype(np.float32)), background=torch.stack(backgrounds),
                  sources=names, n_val=n_val, info=info)
 
@@ -399,11 +400,11 @@ def _lead_backgrounds(exp, b: np.ndarray, lead: int) -> np.ndarray:
     return bk
 
 
-def _extra_trajectories(cfg, names: list, truth: np.ndarray, backgrounds: list, info: dict):
+def _extra_trajectories(cfg, made: list, truth: np.ndarray, backgrounds: list, info: dict):
     """``&train_nml extra_trajectories``: prepend to the kept cycles of the seed trajectory
-    (``truth`` ``(n, *shape)``, ``backgrounds`` one ``(n, *shape)`` tensor per source name) the
-    ``extra_cycles`` kept cycles of each extra truth trajectory, cycled by 3D-Var only (its
-    sources ``'3dvar'``, ``'3dvar+k'``; the others NaN there). Prepended, they are training
+    (``truth`` ``(n, *shape)``, ``backgrounds`` one ``(n, *shape)`` tensor per ``(source, lead)``
+    of ``made``) the ``extra_cycles`` kept cycles of each extra truth trajectory, cycled by 3D-Var
+    only (its leads of the ``'3dvar'`` source; the other sources NaN there). Prepended, they are training
     cycles; the validation block stays the end of the seed trajectory. Trajectory ``k`` uses the
     experiment seed ``_seed(seed, _EXTRA, k)``: its own truth, observations, station network and
     independent start. Returns the new ``(truth, backgrounds)``; ``info['extra_trajectories']``
@@ -413,7 +414,7 @@ def _extra_trajectories(cfg, names: list, truth: np.ndarray, backgrounds: list, 
 
     t = cfg.train
     cfg3 = dataclasses.replace(cfg, assim=dataclasses.replace(cfg.assim, method="3dvar"))
-    truths, extra = [], [[] for _ in names]
+    truths, extra = [], [[] for _ in made]
     info["extra_trajectories"] = []
     for k in range(t.extra_trajectories):
         t0 = time.perf_counter()
@@ -425,10 +426,8 @@ def _extra_trajectories(cfg, names: list, truth: np.ndarray, backgrounds: list, 
             raise RuntimeError(f"extra trajectory {k} (seed {seed}): non-finite 3D-Var backgrounds")
         xt = exp.truth[t.spinup_cycles:]
         truths.append(xt)
-        for i, name in enumerate(names):
-            src, _, lead = name.partition("+")
-            bk = (_lead_backgrounds(exp, b, int(lead or 1))[t.spinup_cycles:] if src == "3dvar"
-                  else np.full_like(xt, np.nan))
+        for i, (src, lead) in enumerate(made):
+            bk = _lead_backgrounds(exp, b, lead)[t.spinup_cycles:] if src == "3dvar" else np.full_like(xt, np.nan)
             extra[i].append(torch.from_numpy(bk.astype(np.float32)))
         rmse = float(np.sqrt(np.mean((b[t.spinup_cycles:] - xt) ** 2)))
         info["extra_trajectories"].append({"seed": seed, "cycles": t.extra_cycles, "background_rmse_3dvar": rmse,
